@@ -1,0 +1,19 @@
+"""hfcompress: turn a large Hugging Face transformer into a small, fast one, driven by a YAML recipe."""
+
+from .errors import HfCompressError
+from .modeling import from_pretrained
+from .recipe import Recipe, load_recipe
+
+__version__ = "0.1.0"
+
+
+def run(recipe: Recipe | str, output_dir=None) -> dict:
+    """Run a recipe (a Recipe or a path to a YAML file); returns the run's results."""
+    from .pipeline import run as run_pipeline
+
+    if not isinstance(recipe, Recipe):
+        recipe = load_recipe(recipe)
+    return run_pipeline(recipe, output_dir=output_dir)
+
+
+__all__ = ["HfCompressError", "Recipe", "from_pretrained", "load_recipe", "run", "__version__"]

@@ -1,0 +1,71 @@
+"""`hfcompress run | validate | report` (and `python -m hfcompress`, `accelerate launch -m hfcompress`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .errors import HfCompressError
+
+EXIT_USAGE = 2
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hfcompress", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    run = commands.add_parser("run", help="run (or resume) a recipe")
+    run.add_argument("recipe")
+    run.add_argument("--output-dir", help="run directory (default: the recipe's output_dir, or runs/<name>)")
+    run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
+                     help="override a recipe value, e.g. --set stages.0.finetune.max_steps=20")
+
+    validate = commands.add_parser("validate", help="check a recipe without running anything")
+    validate.add_argument("recipe")
+    validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+
+    report = commands.add_parser("report", help="print the stage-by-stage table of a finished run")
+    report.add_argument("run_dir")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except HfCompressError as error:
+        for line in str(error).splitlines():
+            print(f"error: {line}", file=sys.stderr)
+        return EXIT_USAGE
+    except KeyboardInterrupt:
+        print("interrupted: finished stages are kept; run the same command again to resume", file=sys.stderr)
+        return 130
+
+
+def _run(args) -> int:
+    from .pipeline import run
+    from .recipe import load_recipe
+
+    run(load_recipe(args.recipe, args.overrides), output_dir=args.output_dir)
+    return 0
+
+
+def _validate(args) -> int:
+    from .recipe import load_recipe
+
+    recipe = load_recipe(args.recipe, args.overrides)
+    print(f"{args.recipe}: ok ({len(recipe.stages)} stages: {', '.join(recipe.stage_ids())})")
+    return 0
+
+
+def _report(args) -> int:
+    from .report import format_table, load_results
+
+    print(format_table(load_results(args.run_dir)))
+    return 0
+
+
+COMMANDS = {"run": _run, "validate": _validate, "report": _report}
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,78 @@
+"""What a model costs: parameters, size on disk, memory footprint, latency and throughput at a fixed input length."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+def size_on_disk(folder: str | Path) -> int | None:
+    """Bytes of the weight files in a checkpoint folder (None for a Hub id that is not on disk)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        return None
+    return sum(path.stat().st_size for path in folder.rglob("*") if path.suffix in WEIGHT_SUFFIXES)
+
+
+def count_parameters(model: torch.nn.Module) -> int:
+    """Logical parameter count; packed 4-bit weights count as the matrix they stand for."""
+    total = 0
+    for parameter in model.parameters():
+        quant_state = getattr(parameter, "quant_state", None)
+        total += int(np.prod(quant_state.shape)) if quant_state is not None else parameter.numel()
+    return total
+
+
+def memory_footprint(model: torch.nn.Module) -> int:
+    if hasattr(model, "get_memory_footprint"):
+        return int(model.get_memory_footprint())
+    tensors = list(model.parameters()) + list(model.buffers())
+    return sum(tensor.nelement() * tensor.element_size() for tensor in tensors)
+
+
+def synthetic_batch(vocab_size: int, batch_size: int, length: int, device, seed: int = 0) -> dict[str, torch.Tensor]:
+    """A fixed random batch of token ids: timing depends on shape, not content."""
+    generator = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(100, vocab_size, (batch_size, length), generator=generator)
+    return {"input_ids": input_ids.to(device), "attention_mask": torch.ones_like(input_ids).to(device)}
+
+
+@torch.inference_mode()
+def time_forward(model, batch: dict, warmup: int, iterations: int) -> np.ndarray:
+    """Wall-clock milliseconds of `iterations` forward passes after `warmup` untimed ones."""
+    synchronize = torch.cuda.synchronize if batch["input_ids"].is_cuda else (lambda: None)
+    for _ in range(warmup):
+        model(**batch)
+    timings = []
+    for _ in range(iterations):
+        synchronize()
+        start = time.perf_counter()
+        model(**batch)
+        synchronize()
+        timings.append((time.perf_counter() - start) * 1000)
+    return np.array(timings)
+
+
+def measure_speed(model, vocab_size: int, length: int, task, warmup: int = 5, iterations: int = 30,
+                  throughput_batch_size: int = 32) -> dict[str, float]:
+    """Batch-1 latency (p50/p95) and batch-N throughput at a fixed input length, after warm-up."""
+    model.eval()
+    device = next(model.parameters()).device
+    single = synthetic_batch(vocab_size, 1, length, device)
+    latency = time_forward(model, single, warmup, iterations)
+    batch = synthetic_batch(vocab_size, throughput_batch_size, length, device)
+    batch_ms = time_forward(model, batch, max(1, warmup // 2), max(3, iterations // 5))
+    return {
+        "latency_ms_p50": float(np.percentile(latency, 50)),
+        "latency_ms_p95": float(np.percentile(latency, 95)),
+        "throughput_per_s": float(task.throughput_items(batch) / (np.median(batch_ms) / 1000)),
+        "throughput_unit": task.throughput_unit,
+        "timing_sequence_length": length,
+        "timing_threads": torch.get_num_threads(),
+        "timing_device": str(device),
+    }

@@ -1,0 +1,81 @@
+"""Loading and saving models: plain transformers checkpoints, and the ones pruning/quantization write."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from .errors import HfCompressError
+from .recipe import ModelReference
+from .sources import resolve_model_reference
+
+PRUNING_RECORD = "pruning_structure.json"
+QUANTIZATION_RECORD = "quantization.json"
+
+
+def from_pretrained(path: str | Path, model_class=None, **kwargs):
+    """Load any checkpoint hfcompress writes (pruned with per-layer shapes, quantized, or plain transformers)."""
+    folder = Path(path)
+    if (folder / PRUNING_RECORD).is_file():
+        from .pruning import load_pruned
+
+        return load_pruned(folder, model_class or model_class_for(folder), **kwargs)
+    if (folder / QUANTIZATION_RECORD).is_file():
+        from .quantization import load_quantized
+
+        return load_quantized(folder, model_class or model_class_for(folder))
+    return (model_class or model_class_for(path)).from_pretrained(str(path), **kwargs)
+
+
+def model_class_for(path: str | Path):
+    """The Auto class matching the checkpoint's architecture (classifier, causal LM or bare model)."""
+    architectures = AutoConfig.from_pretrained(str(path)).architectures or []
+    if any(name.endswith("ForSequenceClassification") for name in architectures):
+        return AutoModelForSequenceClassification
+    if any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in architectures):
+        return AutoModelForCausalLM
+    return AutoModel
+
+
+def load_model(reference: ModelReference | str, model_class, key: str = "teacher", **kwargs):
+    """Load a model reference (Hub id, folder, pkg://) with a one-line error when it cannot be resolved."""
+    reference = ModelReference.model_validate(reference)
+    location = resolve_model_reference(reference.name_or_path, key)
+    if reference.revision:
+        kwargs["revision"] = reference.revision
+    if reference.gguf_file:
+        kwargs["gguf_file"] = reference.gguf_file
+    try:
+        return from_pretrained(location, model_class, **kwargs)
+    except (OSError, ValueError) as error:
+        raise HfCompressError(f"{key}: cannot load model {reference.name_or_path!r}: {_first_line(error)}") from None
+
+
+def load_tokenizer(reference: ModelReference | str, key: str = "teacher"):
+    reference = ModelReference.model_validate(reference)
+    location = resolve_model_reference(reference.name_or_path, key)
+    kwargs = {"revision": reference.revision} if reference.revision else {}
+    if reference.gguf_file:
+        kwargs["gguf_file"] = reference.gguf_file
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as error:
+        raise HfCompressError(f"{key}: cannot load tokenizer {reference.name_or_path!r}: {_first_line(error)}") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def save_checkpoint(model, tokenizer, folder: Path, accelerator=None) -> None:
+    """`save_pretrained` the (unwrapped) model and its tokenizer; call it on the main process only."""
+    if accelerator is not None:
+        model = accelerator.unwrap_model(model)
+    folder.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.save_pretrained(folder)
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -1,0 +1,235 @@
+"""The runner: stages in order, each in its own folder, resumable, with only the main process writing.
+
+A stage's fingerprint hashes its options and the fingerprint before it (task, teacher, seed at the root), so a
+rerun skips every finished stage whose fingerprint matches and reruns a changed stage and all after it. A stage
+writes into `.<id>.partial/` and is renamed to `<id>/` only when complete: an interrupted run never leaves a
+folder that a later run would trust, and an earlier finished folder stays intact until its replacement is done.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import platform
+import shutil
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+
+from .data import load_task_data
+from .fileio import read_json, write_json, write_text
+from .modeling import load_tokenizer
+from .recipe import ModelReference, Recipe
+from .report import format_table
+from .stages import Stage, StageContext, StageResult, get_stage_class
+from .tasks import make_task
+
+logger = logging.getLogger("hfcompress")
+STAGE_RECORD = "stage.json"
+METRICS_FILE = "metrics.json"
+RESULTS_FILE = "results.json"
+RECIPE_FILE = "recipe.yaml"
+LOG_FILE = "run.log"
+
+
+def run(recipe: Recipe, output_dir: str | Path | None = None) -> dict:
+    """Run a recipe end to end (or resume it) and return the run's results (complete on the main process)."""
+    accelerator = make_accelerator(recipe.mixed_precision)
+    run_dir = Path(output_dir) if output_dir is not None else recipe.resolved_output_dir
+    if accelerator.is_main_process:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_text(run_dir / RECIPE_FILE, recipe.to_yaml())
+    configure_logging(run_dir / LOG_FILE, accelerator.is_main_process)
+    accelerator.wait_for_everyone()
+    logger.info("run %s in %s on %s (%d process(es))", recipe.name, run_dir, accelerator.device, accelerator.num_processes)
+
+    runner = _Runner(recipe, run_dir, accelerator)
+    results = runner.run_all()
+    if accelerator.is_main_process:
+        print(format_table(results))
+        logger.info("results in %s", run_dir / RESULTS_FILE)
+    accelerator.wait_for_everyone()
+    return results
+
+
+def make_accelerator(mixed_precision: str) -> Accelerator:
+    """bf16 or fp16 where the GPU supports it under "auto"; a launcher's --mixed_precision wins."""
+    if mixed_precision == "auto":
+        import os
+
+        if os.environ.get("ACCELERATE_MIXED_PRECISION"):
+            mixed_precision = None
+        elif torch.cuda.is_available():
+            mixed_precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        else:
+            mixed_precision = "no"
+    return Accelerator(mixed_precision=mixed_precision)
+
+
+def configure_logging(log_file: Path, is_main_process: bool) -> None:
+    logger.setLevel(logging.INFO)
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+        handler.close()
+    logger.propagate = False
+    if not is_main_process:
+        logger.addHandler(logging.NullHandler())
+        import datasets
+
+        datasets.disable_progress_bars()
+        return
+    console = logging.StreamHandler(sys.stderr)
+    console.setFormatter(logging.Formatter("%(message)s"))
+    to_file = logging.FileHandler(log_file, encoding="utf-8")
+    to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    for handler in (console, to_file):
+        logger.addHandler(handler)
+
+
+class _Runner:
+    def __init__(self, recipe: Recipe, run_dir: Path, accelerator: Accelerator):
+        self.recipe, self.run_dir, self.accelerator = recipe, run_dir, accelerator
+        self.task = make_task(recipe.task)
+        self._data = None
+        self.models: dict[str, ModelReference] = {"teacher": recipe.teacher}
+        self.results = {
+            "name": recipe.name,
+            "teacher": recipe.teacher.name_or_path,
+            "task": _task_summary(recipe),
+            "final_model_dir": None,
+            "stages": [],
+            "rows": [],
+            "environment": environment(accelerator),
+        }
+
+    def load_data(self):
+        if self._data is None:
+            with self.accelerator.main_process_first():
+                tokenizer = load_tokenizer(self.recipe.teacher)
+                self._data = load_task_data(self.recipe.task, tokenizer, self.recipe.seed)
+            self.results["task"]["test_split_size"] = len(self._data["test"])
+        return self._data
+
+    def run_all(self) -> dict:
+        fingerprint = _hash({"task": self.recipe.task.model_dump(mode="json"), "teacher": self.recipe.teacher.model_dump(),
+                             "seed": self.recipe.seed})
+        current = self.recipe.teacher
+        for stage_id, entry in zip(self.recipe.stage_ids(), self.recipe.stages):
+            fingerprint = _hash({"previous": fingerprint, "stage": entry.name, "options": entry.options.model_dump(mode="json")})
+            stage_class = get_stage_class(entry.name)
+            record = self._finished(stage_id, fingerprint) or self._run_stage(
+                stage_class(entry.options), stage_id, fingerprint, current
+            )
+            if stage_class.produces_model:
+                current = ModelReference(name_or_path=str(self.run_dir / stage_id))
+                self.models[stage_id] = current
+                self.results["final_model_dir"] = stage_id
+            self.results["stages"].append(record)
+            self.results["rows"].extend(record.get("rows", []))
+            if self.accelerator.is_main_process:
+                write_json(self.run_dir / RESULTS_FILE, self.results)
+        return self.results
+
+    def _finished(self, stage_id: str, fingerprint: str) -> dict | None:
+        record_path = self.run_dir / stage_id / STAGE_RECORD
+        if not record_path.is_file():
+            return None
+        record = read_json(record_path)
+        if record.get("fingerprint") != fingerprint:
+            return None
+        logger.info("%s: already finished with the same options, skipping", stage_id)
+        return record
+
+    def _run_stage(self, stage: Stage, stage_id: str, fingerprint: str, current: ModelReference) -> dict:
+        accelerator = self.accelerator
+        partial = self.run_dir / f".{stage_id}.partial"
+        if accelerator.is_main_process:
+            _prepare_partial(partial, fingerprint)
+        accelerator.wait_for_everyone()
+        logger.info("%s: running", stage_id)
+        ctx = StageContext(
+            recipe=self.recipe, stage_id=stage_id, accelerator=accelerator, task=self.task, run_dir=self.run_dir,
+            out_dir=partial, model=current, models=dict(self.models), load_data=self.load_data,
+            rows=list(self.results["rows"]),
+        )
+        started = time.perf_counter()
+        if stage.main_process_only and not accelerator.is_main_process:
+            result = StageResult()
+        else:
+            result = stage.run(ctx)
+        accelerator.wait_for_everyone()
+        record = {
+            "id": stage_id,
+            "stage": stage.name,
+            "options": stage.options.model_dump(mode="json"),
+            "fingerprint": fingerprint,
+            "produces_model": stage.produces_model,
+            "model_dir": stage_id if stage.produces_model else None,
+            "seconds": round(time.perf_counter() - started, 2),
+            "metrics": result.metrics,
+            "rows": result.rows,
+        }
+        if accelerator.is_main_process:
+            write_json(partial / METRICS_FILE, {"metrics": result.metrics, "rows": result.rows})
+            write_json(partial / STAGE_RECORD, record)
+            _replace_folder(partial, self.run_dir / stage_id)
+        accelerator.wait_for_everyone()
+        logger.info("%s: done in %.1f s", stage_id, record["seconds"])
+        return record
+
+
+def _prepare_partial(partial: Path, fingerprint: str) -> None:
+    """Reuse a partial folder of the same stage (it may hold a training checkpoint to resume), else start clean."""
+    marker = partial / "fingerprint"
+    if partial.exists() and (not marker.is_file() or marker.read_text().strip() != fingerprint):
+        shutil.rmtree(partial)
+    partial.mkdir(parents=True, exist_ok=True)
+    write_text(marker, fingerprint)
+
+
+def _replace_folder(source: Path, target: Path) -> None:
+    (source / "fingerprint").unlink(missing_ok=True)
+    if target.exists():
+        stale = target.with_name(f".{target.name}.stale")
+        shutil.rmtree(stale, ignore_errors=True)
+        target.rename(stale)
+        source.rename(target)
+        shutil.rmtree(stale, ignore_errors=True)
+    else:
+        source.rename(target)
+
+
+def _hash(data) -> str:
+    return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _task_summary(recipe: Recipe) -> dict:
+    task = recipe.task
+    return {
+        "type": task.type,
+        "dataset": task.dataset.describe(),
+        "dataset_id": task.dataset_id,
+        "language": task.language,
+        "metrics": task.metrics,
+        "label_names": task.label_names,
+        "max_length": task.max_length,
+    }
+
+
+def environment(accelerator: Accelerator) -> dict:
+    packages = ["torch", "transformers", "accelerate", "datasets", "evaluate", "huggingface_hub", "bitsandbytes",
+                "optimum-quanto"]
+    versions = {}
+    for package in packages:
+        try:
+            versions[package] = metadata.version(package)
+        except metadata.PackageNotFoundError:
+            versions[package] = None
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})"
+    return {"python": platform.python_version(), **versions, "device": device,
+            "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision}

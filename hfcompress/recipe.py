@@ -1,0 +1,272 @@
+"""The recipe: a YAML file parsed into typed models that reject unknown keys and wrong types.
+
+Every validation error becomes one line naming the file, the line, the YAML key path and what was expected.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
+
+from .errors import HfCompressError
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelReference(StrictModel):
+    """A model: a Hub id, a local folder or `pkg://package/folder`; optionally a GGUF file inside it."""
+
+    name_or_path: str
+    revision: str | None = None
+    gguf_file: str | None = None
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_string(cls, value):
+        return {"name_or_path": value} if isinstance(value, str) else value
+
+
+class DatasetSource(StrictModel):
+    """Anything `datasets.load_dataset` accepts: a Hub dataset (`path` + `name`) or a builder over local files."""
+
+    path: str
+    name: str | None = None
+    data_files: str | list[str] | dict[str, str | list[str]] | None = None
+    revision: str | None = None
+
+    def describe(self) -> str:
+        if self.data_files is None:
+            return self.path if self.name is None else f"{self.path}/{self.name}"
+        return f"{self.path} files {self.data_files}"
+
+
+class SplitOptions(StrictModel):
+    """Which source splits to use; missing validation/test splits are carved from train, deterministically."""
+
+    train: str = "train"
+    validation: str | None = None
+    test: str | None = None
+    validation_size: float = Field(0.1, gt=0, lt=1)
+    test_size: float = Field(0.1, gt=0, lt=1)
+    group_by: str | None = None
+    keep_identical: list[str] = Field(default_factory=list)
+
+
+TaskType = Literal["text-classification", "causal-lm"]
+DEFAULT_METRICS = {"text-classification": ["accuracy", "f1"], "causal-lm": ["perplexity"]}
+
+
+class TaskOptions(StrictModel):
+    type: TaskType
+    dataset: DatasetSource
+    dataset_id: str | None = None
+    language: str | None = None
+    text_column: str = "text"
+    label_column: str | None = "label"
+    label_names: list[str] | None = None
+    splits: SplitOptions = Field(default_factory=SplitOptions)
+    max_length: int = Field(128, ge=8)
+    max_train_samples: int | None = Field(None, ge=1)
+    max_eval_samples: int | None = Field(None, ge=1)
+    metrics: list[str] | None = None
+
+    @model_validator(mode="after")
+    def _default_metrics(self):
+        if self.metrics is None:
+            self.metrics = list(DEFAULT_METRICS[self.type])
+        return self
+
+
+class StageEntry(BaseModel):
+    model_config = ConfigDict(extra="forbid", arbitrary_types_allowed=True)
+
+    name: str
+    options: SerializeAsAny[BaseModel]
+
+    def as_yaml_item(self) -> dict[str, Any]:
+        return {self.name: self.options.model_dump(mode="json")}
+
+
+class Recipe(StrictModel):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    seed: int = 42
+    task: TaskOptions
+    teacher: ModelReference
+    output_dir: str | None = None
+    mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    stages: list[StageEntry] = Field(min_length=1)
+
+    @property
+    def resolved_output_dir(self) -> Path:
+        return Path(self.output_dir or f"runs/{self.name}")
+
+    def stage_ids(self) -> list[str]:
+        return [f"{index + 1:02d}-{entry.name}" for index, entry in enumerate(self.stages)]
+
+    def to_dict(self) -> dict[str, Any]:
+        data = self.model_dump(mode="json", exclude={"stages"}, exclude_none=True)
+        data["stages"] = [entry.as_yaml_item() for entry in self.stages]
+        return data
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+class RecipeError(HfCompressError):
+    """One or more recipe problems; each line is `file:line: key.path: problem`."""
+
+    def __init__(self, lines: list[str]):
+        self.lines = lines
+        super().__init__("\n".join(lines))
+
+
+# ---------------------------------------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path, overrides: list[str] | None = None) -> Recipe:
+    """Read, override (`key.path=value`) and validate a recipe file."""
+    path = Path(path)
+    if not path.is_file():
+        raise HfCompressError(f"recipe file {str(path)!r} does not exist")
+    text = path.read_text(encoding="utf-8")
+    try:
+        root = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        mark = getattr(error, "problem_mark", None)
+        where = f"{path}:{mark.line + 1}" if mark else str(path)
+        raise HfCompressError(f"{where}: not valid YAML: {getattr(error, 'problem', error)}") from None
+    if not isinstance(data, dict):
+        raise HfCompressError(f"{path}: a recipe is a YAML mapping (name, task, teacher, stages, ...)")
+    for override in overrides or []:
+        apply_override(data, override)
+    return parse_recipe(data, source=str(path), yaml_root=root)
+
+
+def parse_recipe(data: dict[str, Any], source: str = "<recipe>", yaml_root=None) -> Recipe:
+    """Validate a recipe given as a dict. Stage options are validated by each stage's own options model."""
+    problems: list[tuple[tuple, str]] = []
+    raw_stages = data.get("stages")
+    entries = _parse_stages(raw_stages, problems) if isinstance(raw_stages, list) else raw_stages
+    try:
+        recipe = Recipe.model_validate({**data, "stages": entries})
+    except ValidationError as error:
+        problems += [(tuple(e["loc"]), _describe(e)) for e in error.errors()]
+        recipe = None
+    if problems:
+        raise RecipeError([_format_problem(source, yaml_root, loc, message) for loc, message in problems])
+    return recipe
+
+
+def _parse_stages(raw_stages: list, problems: list) -> list[StageEntry]:
+    from .stages import get_stage_class, stage_names
+
+    entries = []
+    for index, item in enumerate(raw_stages):
+        loc = ("stages", index)
+        if isinstance(item, str):
+            item = {item: None}
+        if not isinstance(item, dict) or len(item) != 1:
+            problems.append((loc, "each stage is a mapping with one key, the stage name, e.g. `- finetune: {...}`"))
+            continue
+        (name, raw_options), = item.items()
+        stage_class = get_stage_class(name)
+        if stage_class is None:
+            problems.append((loc, f"unknown stage {name!r} (known: {', '.join(stage_names())})"))
+            continue
+        try:
+            options = stage_class.options_model.model_validate(raw_options or {})
+        except ValidationError as error:
+            problems += [(loc + (name,) + tuple(e["loc"]), _describe(e)) for e in error.errors()]
+            continue
+        entries.append(StageEntry(name=name, options=options))
+    return entries
+
+
+def _describe(error: dict) -> str:
+    message = error["msg"]
+    if error["type"] == "extra_forbidden":
+        return "unknown key"
+    if error["type"] == "missing":
+        return "required key is missing"
+    value = error.get("input")
+    if error["type"] not in ("extra_forbidden",) and not isinstance(value, (dict, list)):
+        message += f" (got {value!r})"
+    return message
+
+
+def _format_problem(source: str, yaml_root, loc: tuple, message: str) -> str:
+    loc = tuple(part for part in loc if not (isinstance(part, str) and part.startswith("function-")))
+    line = _line_of(yaml_root, loc)
+    where = f"{source}:{line}" if line else source
+    return f"{where}: {format_key_path(loc) or '<top level>'}: {message}"
+
+
+def format_key_path(loc: tuple) -> str:
+    text = ""
+    for part in loc:
+        text += f"[{part}]" if isinstance(part, int) else (f".{part}" if text else str(part))
+    return text
+
+
+def _line_of(node, loc: tuple) -> int | None:
+    """The 1-based line of the deepest YAML node that `loc` reaches."""
+    line = None
+    for part in loc:
+        if node is None:
+            break
+        line = node.start_mark.line + 1
+        node = _child(node, part)
+    if node is not None:
+        line = node.start_mark.line + 1
+    return line
+
+
+def _child(node, part):
+    if isinstance(node, yaml.MappingNode):
+        for key_node, value_node in node.value:
+            if key_node.value == str(part):
+                return value_node
+    if isinstance(node, yaml.SequenceNode) and isinstance(part, int) and part < len(node.value):
+        return node.value[part]
+    return None
+
+
+def apply_override(data: dict[str, Any], override: str) -> None:
+    """Apply `a.b.0.c=value` (value parsed as YAML) to a raw recipe dict, in place."""
+    key_path, sep, raw_value = override.partition("=")
+    if not sep or not key_path:
+        raise HfCompressError(f"--set {override!r}: expected KEY.PATH=VALUE")
+    value = yaml.safe_load(raw_value)
+    parts = key_path.split(".")
+    node = data
+    for depth, part in enumerate(parts[:-1]):
+        node = _step(node, part, parts[: depth + 1], override)
+    last = parts[-1]
+    if isinstance(node, list):
+        node[_list_index(node, last, override)] = value
+    elif isinstance(node, dict):
+        node[last] = value
+    else:
+        raise HfCompressError(f"--set {override!r}: {'.'.join(parts[:-1])} is not a mapping")
+
+
+def _step(node, part: str, walked: list[str], override: str):
+    if isinstance(node, list):
+        return node[_list_index(node, part, override)]
+    if not isinstance(node, dict):
+        raise HfCompressError(f"--set {override!r}: {'.'.join(walked[:-1])} is not a mapping")
+    if node.get(part) is None:
+        node[part] = {}
+    return node[part]
+
+
+def _list_index(node: list, part: str, override: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise HfCompressError(f"--set {override!r}: {part!r} is not an index of a list of {len(node)} items")
+    return int(part)

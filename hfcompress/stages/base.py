@@ -1,0 +1,92 @@
+"""What a stage is: a name, a typed options model, and `run(ctx)` that reads the current model and writes its own."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+from ..modeling import load_model, save_checkpoint
+from ..recipe import ModelReference, Recipe
+
+
+class StageOptions(BaseModel):
+    """Base of every stage's options: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+@dataclass
+class StageResult:
+    metrics: dict[str, Any] = field(default_factory=dict)
+    rows: list[dict[str, Any]] = field(default_factory=list)  # evaluation rows for results.json
+
+
+@dataclass
+class StageContext:
+    """Everything a stage may use. The stage writes only into `out_dir` (renamed into place when it finishes)."""
+
+    recipe: Recipe
+    stage_id: str
+    accelerator: Any
+    task: Any
+    run_dir: Path
+    out_dir: Path
+    model: ModelReference  # the current model: the teacher, or the last model-producing stage's folder
+    models: dict[str, ModelReference]  # "teacher" and every earlier model-producing stage id
+    load_data: Callable[[], Any]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    @cached_property
+    def data(self):
+        return self.load_data()
+
+    @property
+    def tokenizer(self):
+        return self.data.tokenizer
+
+    @property
+    def is_main_process(self) -> bool:
+        return self.accelerator.is_main_process
+
+    @property
+    def model_label(self) -> str:
+        """How rows name the current model: "teacher" or the id of the stage that produced it."""
+        return next((name for name, ref in reversed(self.models.items()) if ref == self.model), "teacher")
+
+    def model_reference(self, name: str | None, key: str) -> ModelReference:
+        """An earlier model by name ("teacher" or a stage id), or the current model when `name` is None."""
+        if name is None:
+            return self.model
+        if name not in self.models:
+            from ..errors import HfCompressError
+
+            raise HfCompressError(f"{key}: no model named {name!r} before this stage (have: {', '.join(self.models)})")
+        return self.models[name]
+
+    def load_model(self, reference: ModelReference | None = None, **kwargs):
+        reference = reference or self.model
+        key = "teacher" if reference == self.models["teacher"] else f"stages.{self.stage_id}"
+        return load_model(reference, self.task.model_class, key, **self.task.model_kwargs(self.data), **kwargs)
+
+    def save_model(self, model) -> None:
+        if self.is_main_process:
+            save_checkpoint(model, self.tokenizer, self.out_dir, self.accelerator)
+        self.accelerator.wait_for_everyone()
+
+
+class Stage:
+    name: ClassVar[str]
+    options_model: ClassVar[type[StageOptions]] = StageOptions
+    produces_model: ClassVar[bool] = False
+    main_process_only: ClassVar[bool] = False  # evaluation, cards, pushes: the other processes wait
+
+    def __init__(self, options: StageOptions):
+        self.options = options
+
+    def run(self, ctx: StageContext) -> StageResult:
+        raise NotImplementedError

@@ -1,0 +1,231 @@
+"""The training loop every training stage shares (finetune, distill, recovery after pruning), on `accelerate`.
+
+AdamW with linear warm-up/decay, epochs or max steps, gradient accumulation, mixed precision through the
+Accelerator, evaluation on the validation split each epoch or every N steps, the best weights kept, and the
+full training state checkpointed every `save_steps` so an interrupted stage resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+from accelerate.utils import set_seed
+from pydantic import Field
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from .fileio import read_json, write_json
+from .stages.base import StageContext, StageOptions
+
+logger = logging.getLogger(__name__)
+
+LossFunction = Callable[[torch.nn.Module, dict], "tuple[torch.Tensor, dict[str, float]]"]
+STATE_DIR = "training_state"
+BEST_WEIGHTS = "best_weights.pt"
+
+
+class TrainingOptions(StageOptions):
+    """Named like transformers' TrainingArguments."""
+
+    learning_rate: float = Field(5e-5, gt=0)
+    weight_decay: float = Field(0.01, ge=0)
+    num_train_epochs: float = Field(1.0, gt=0)
+    max_steps: int | None = Field(None, ge=1, description="optimizer steps; overrides num_train_epochs")
+    per_device_train_batch_size: int = Field(32, ge=1)
+    per_device_eval_batch_size: int = Field(64, ge=1)
+    gradient_accumulation_steps: int = Field(1, ge=1)
+    warmup_ratio: float = Field(0.06, ge=0, lt=1)
+    max_grad_norm: float | None = Field(1.0, gt=0)
+    eval_strategy: Literal["epoch", "steps", "no"] = "epoch"
+    eval_steps: int | None = Field(None, ge=1)
+    save_steps: int | None = Field(None, ge=1, description="checkpoint the training state every N steps")
+    logging_steps: int = Field(50, ge=1)
+    load_best_model_at_end: bool = True
+    group_by_length: bool = True
+    seed: int | None = None
+
+
+@dataclass
+class TrainingState:
+    """Where training stands; saved beside accelerate's state so a resumed run continues exactly."""
+
+    global_step: int = 0
+    epoch: int = 0
+    batches_in_epoch: int = 0
+    best_metric: float | None = None
+    best_step: int | None = None
+    history: list[dict] = field(default_factory=list)
+
+
+def train(
+    ctx: StageContext,
+    model: torch.nn.Module,
+    options: TrainingOptions,
+    compute_loss: LossFunction,
+    extra_modules: list[torch.nn.Module] = (),
+) -> tuple[torch.nn.Module, TrainingState]:
+    """Train `model` with `compute_loss(model, batch) -> (loss, parts)`; return the unwrapped best model and state.
+
+    `extra_modules` (e.g. distillation projections) are trained alongside and not saved with the model.
+    """
+    accelerator = ctx.accelerator
+    accelerator.gradient_accumulation_steps = options.gradient_accumulation_steps
+    seed = ctx.recipe.seed if options.seed is None else options.seed
+    set_seed(seed)
+
+    train_loader = ctx.data.dataloader(
+        "train", options.per_device_train_batch_size, shuffle=True, seed=seed, group_by_length=options.group_by_length
+    )
+    eval_loader = ctx.data.dataloader("validation", options.per_device_eval_batch_size)
+    trainable = [model, *extra_modules]
+    optimizer = torch.optim.AdamW(_parameter_groups(trainable, options.weight_decay), lr=options.learning_rate)
+    prepared = accelerator.prepare(*trainable, optimizer, train_loader, eval_loader)
+    model, *extra_modules = prepared[: len(trainable)]
+    optimizer, train_loader, eval_loader = prepared[len(trainable) :]
+
+    steps_per_epoch = max(1, math.ceil(len(train_loader) / options.gradient_accumulation_steps))
+    total_steps = options.max_steps or math.ceil(options.num_train_epochs * steps_per_epoch)
+    scheduler = accelerator.prepare(
+        get_linear_schedule_with_warmup(
+            optimizer,
+            num_warmup_steps=int(options.warmup_ratio * total_steps) * accelerator.num_processes,
+            num_training_steps=total_steps * accelerator.num_processes,
+        )
+    )
+    loop = _Loop(ctx, model, extra_modules, optimizer, scheduler, train_loader, eval_loader, options, compute_loss)
+    state = loop.run(total_steps)
+    best = loop.finish(state)
+    return best, state
+
+
+def _parameter_groups(modules: list[torch.nn.Module], weight_decay: float) -> list[dict]:
+    """No weight decay on biases and normalisation weights (1-d tensors), as BERT-style training does."""
+    decay, no_decay = [], []
+    for module in modules:
+        for parameter in module.parameters():
+            if parameter.requires_grad:
+                (no_decay if parameter.ndim < 2 else decay).append(parameter)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+class _Loop:
+    def __init__(self, ctx, model, extra_modules, optimizer, scheduler, train_loader, eval_loader, options, compute_loss):
+        self.ctx, self.accelerator = ctx, ctx.accelerator
+        self.model, self.extra_modules = model, extra_modules
+        self.optimizer, self.scheduler = optimizer, scheduler
+        self.train_loader, self.eval_loader = train_loader, eval_loader
+        self.options, self.compute_loss = options, compute_loss
+        self.state_dir = Path(ctx.out_dir) / STATE_DIR
+        self.best_path = Path(ctx.out_dir) / BEST_WEIGHTS
+        self.task = ctx.task
+
+    def run(self, total_steps: int) -> TrainingState:
+        state = self._resume()
+        accelerator, options = self.accelerator, self.options
+        progress = tqdm(
+            total=total_steps, initial=state.global_step, desc=self.ctx.stage_id,
+            disable=not accelerator.is_main_process, dynamic_ncols=True,
+        )
+        parameters = [p for module in (self.model, *self.extra_modules) for p in module.parameters()]
+        running: dict[str, float] = {}
+        started = time.perf_counter()
+        while state.global_step < total_steps:
+            self.train_loader.set_epoch(state.epoch)
+            batches = self.train_loader
+            if state.batches_in_epoch:
+                batches = accelerator.skip_first_batches(self.train_loader, state.batches_in_epoch)
+            self.model.train()
+            for module in self.extra_modules:
+                module.train()
+            for batch in batches:
+                with accelerator.accumulate(self.model):
+                    loss, parts = self.compute_loss(self.model, batch)
+                    accelerator.backward(loss)
+                    if accelerator.sync_gradients and options.max_grad_norm:
+                        accelerator.clip_grad_norm_(parameters, options.max_grad_norm)
+                    self.optimizer.step()
+                    self.scheduler.step()
+                    self.optimizer.zero_grad()
+                state.batches_in_epoch += 1
+                for name, value in parts.items():
+                    running[name] = running.get(name, 0.0) + value
+                if not accelerator.sync_gradients:
+                    continue
+                state.global_step += 1
+                progress.update(1)
+                progress.set_postfix({k: f"{v:.4f}" for k, v in parts.items()}, refresh=False)
+                if state.global_step % options.logging_steps == 0:
+                    batches = options.logging_steps * options.gradient_accumulation_steps
+                    averages = {name: round(total / batches, 5) for name, total in running.items()}
+                    logger.info("%s step %d train: %s", self.ctx.stage_id, state.global_step, averages)
+                    running = {}
+                if options.eval_strategy == "steps" and options.eval_steps and state.global_step % options.eval_steps == 0:
+                    self._evaluate(state)
+                if options.save_steps and state.global_step % options.save_steps == 0:
+                    self._checkpoint(state)
+                if state.global_step >= total_steps:
+                    break
+            else:
+                state.epoch += 1
+                state.batches_in_epoch = 0
+                if options.eval_strategy == "epoch":
+                    self._evaluate(state)
+        progress.close()
+        if options.eval_strategy != "no" and (not state.history or state.history[-1]["step"] != state.global_step):
+            self._evaluate(state)
+        logger.info("%s trained %d steps in %.1f s", self.ctx.stage_id, state.global_step, time.perf_counter() - started)
+        return state
+
+    def _evaluate(self, state: TrainingState) -> None:
+        metrics = self.task.evaluate(self.model, self.eval_loader, self.accelerator.gather_for_metrics)
+        self.model.train()
+        score = metrics[self.task.selection_metric]
+        state.history.append({"step": state.global_step, "epoch": state.epoch, "validation": metrics})
+        logger.info("%s step %d validation: %s", self.ctx.stage_id, state.global_step, metrics)
+        if self.task.is_better(score, state.best_metric):
+            state.best_metric, state.best_step = score, state.global_step
+            if self.options.load_best_model_at_end and self.accelerator.is_main_process:
+                self.accelerator.save(self.accelerator.unwrap_model(self.model).state_dict(), self.best_path)
+        self.accelerator.wait_for_everyone()
+
+    def _checkpoint(self, state: TrainingState) -> None:
+        """Save accelerate's full state (model, optimizer, scheduler, RNGs) and ours, replacing the last one."""
+        scratch = self.state_dir.with_name(STATE_DIR + ".saving")
+        self.accelerator.save_state(str(scratch))
+        if self.accelerator.is_main_process:
+            write_json(scratch / "trainer_state.json", asdict(state))
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+            scratch.rename(self.state_dir)
+        self.accelerator.wait_for_everyone()
+
+    def _resume(self) -> TrainingState:
+        if not (self.state_dir / "trainer_state.json").is_file():
+            return TrainingState()
+        self.accelerator.load_state(str(self.state_dir))
+        state = TrainingState(**read_json(self.state_dir / "trainer_state.json"))
+        logger.info("%s resuming from step %d (epoch %d)", self.ctx.stage_id, state.global_step, state.epoch)
+        return state
+
+    def finish(self, state: TrainingState) -> torch.nn.Module:
+        """The unwrapped model with the best weights loaded; scratch files removed."""
+        self.accelerator.wait_for_everyone()
+        model = self.accelerator.unwrap_model(self.model)
+        if self.options.load_best_model_at_end and self.best_path.is_file():
+            model.load_state_dict(torch.load(self.best_path, map_location="cpu", weights_only=True))
+            logger.info("%s kept the best model: step %s, %s = %.4f", self.ctx.stage_id, state.best_step,
+                        self.task.selection_metric, state.best_metric)
+        self.accelerator.wait_for_everyone()
+        if self.accelerator.is_main_process:
+            self.best_path.unlink(missing_ok=True)
+            shutil.rmtree(self.state_dir, ignore_errors=True)
+        return model
