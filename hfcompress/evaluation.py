@@ -76,3 +76,23 @@ def measure_speed(model, vocab_size: int, length: int, task, warmup: int = 5, it
         "timing_threads": torch.get_num_threads(),
         "timing_device": str(device),
     }
+
+
+@torch.inference_mode()
+def measure_generation(model, tokenizer, prompt: str, max_new_tokens: int) -> dict:
+    """A greedy completion of `prompt`, and the decode speed (ms per new token, tokens/s) after a warm-up."""
+    model.eval()
+    encoded = tokenizer(prompt, return_tensors="pt", return_token_type_ids=False)
+    inputs = encoded.to(next(model.parameters()).device)
+    settings = {"do_sample": False, "pad_token_id": tokenizer.pad_token_id}
+    model.generate(**inputs, max_new_tokens=2, **settings)
+    start = time.perf_counter()
+    output = model.generate(**inputs, max_new_tokens=max_new_tokens, min_new_tokens=max_new_tokens, **settings)
+    seconds = time.perf_counter() - start
+    new_tokens = output[0, inputs["input_ids"].shape[1] :]
+    return {
+        "generation_prompt": prompt,
+        "generation": tokenizer.decode(new_tokens, skip_special_tokens=True),
+        "generation_ms_per_token": 1000 * seconds / len(new_tokens),
+        "generation_tokens_per_s": len(new_tokens) / seconds,
+    }

@@ -67,6 +67,21 @@ def load_tokenizer(reference: ModelReference | str, key: str = "teacher"):
     return tokenizer
 
 
+def convert_gguf_checkpoint(reference: ModelReference, model_class, folder: Path) -> None:
+    """Load a GGUF file (dequantized to float) and save it as an ordinary transformers checkpoint.
+
+    transformers refuses to `save_pretrained` a GGUF-loaded model, so the model is rebuilt from its config
+    (without the GGUF quantization record) and given the loaded weights.
+    """
+    loaded = load_model(reference, model_class)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    model = model_class.from_config(config)
+    model.load_state_dict(loaded.state_dict())
+    save_checkpoint(model, load_tokenizer(reference), folder)
+
+
 def save_checkpoint(model, tokenizer, folder: Path, accelerator=None) -> None:
     """`save_pretrained` the (unwrapped) model and its tokenizer; call it on the main process only."""
     if accelerator is not None:

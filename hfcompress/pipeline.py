@@ -24,7 +24,7 @@ from accelerate import Accelerator
 
 from .data import load_task_data
 from .fileio import read_json, write_json, write_text
-from .modeling import load_tokenizer
+from .modeling import convert_gguf_checkpoint, load_tokenizer
 from .recipe import ModelReference, Recipe
 from .report import format_table
 from .stages import Stage, StageContext, StageResult, get_stage_class
@@ -36,6 +36,7 @@ METRICS_FILE = "metrics.json"
 RESULTS_FILE = "results.json"
 RECIPE_FILE = "recipe.yaml"
 LOG_FILE = "run.log"
+TEACHER_DIR = "00-teacher"
 
 
 def run(recipe: Recipe, output_dir: str | Path | None = None) -> dict:
@@ -122,7 +123,7 @@ class _Runner:
     def run_all(self) -> dict:
         fingerprint = _hash({"task": self.recipe.task.model_dump(mode="json"), "teacher": self.recipe.teacher.model_dump(),
                              "seed": self.recipe.seed})
-        current = self.recipe.teacher
+        current = self._teacher_checkpoint()
         for stage_id, entry in zip(self.recipe.stage_ids(), self.recipe.stages):
             fingerprint = _hash({"previous": fingerprint, "stage": entry.name, "options": entry.options.model_dump(mode="json")})
             stage_class = get_stage_class(entry.name)
@@ -138,6 +139,23 @@ class _Runner:
             if self.accelerator.is_main_process:
                 write_json(self.run_dir / RESULTS_FILE, self.results)
         return self.results
+
+    def _teacher_checkpoint(self) -> ModelReference:
+        """The teacher as every stage loads it; a GGUF teacher is converted once into `00-teacher/`."""
+        teacher = self.recipe.teacher
+        if not teacher.gguf_file:
+            return teacher
+        folder = self.run_dir / TEACHER_DIR
+        if self.accelerator.is_main_process and not (folder / "config.json").is_file():
+            logger.info("converting the GGUF teacher %s into %s", teacher.gguf_file, folder)
+            partial = self.run_dir / f".{TEACHER_DIR}.partial"
+            shutil.rmtree(partial, ignore_errors=True)
+            convert_gguf_checkpoint(teacher, self.task.model_class, partial)
+            _replace_folder(partial, folder)
+        self.accelerator.wait_for_everyone()
+        converted = ModelReference(name_or_path=str(folder))
+        self.models["teacher"] = converted
+        return converted
 
     def _finished(self, stage_id: str, fingerprint: str) -> dict | None:
         record_path = self.run_dir / stage_id / STAGE_RECORD

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from ..evaluation import count_parameters, measure_speed, memory_footprint, size_on_disk
+from ..evaluation import count_parameters, measure_generation, measure_speed, memory_footprint, size_on_disk
 from ..sources import resolve_model_reference
 from . import register_stage
 from .base import Stage, StageContext, StageOptions, StageResult
@@ -22,6 +22,8 @@ class EvaluateOptions(StageOptions):
     timing_warmup: int = Field(5, ge=0)
     timing_iterations: int = Field(30, ge=1)
     throughput_batch_size: int = Field(32, ge=1)
+    generation_prompt: str | None = Field(None, description="causal LM: a greedy completion to show and time")
+    max_new_tokens: int = Field(32, ge=1)
 
 
 @register_stage
@@ -52,6 +54,8 @@ def evaluation_row(ctx: StageContext, model, folder: str | Path, options: Evalua
                           options.timing_iterations, options.throughput_batch_size)
         )
     model_dir = _inside_run_dir(folder, ctx.run_dir) or ctx.model.name_or_path
+    if options.generation_prompt and ctx.task.type == "causal-lm":
+        metrics.update(measure_generation(model, ctx.tokenizer, options.generation_prompt, options.max_new_tokens))
     return {"label": label, "stage_id": ctx.stage_id, "model_dir": model_dir, "metrics": metrics}
 
 
