@@ -41,3 +41,20 @@ def test_two_process_finetune_only_rank0_writes(tmp_path, tiny_bert_dir, reviews
     [row] = results["rows"]
     assert row["metrics"]["num_examples"] == results["task"]["test_split_size"]
     assert result.stdout.count("evaluated model(s)") == 1, "only the main process prints the table"
+
+
+ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent))
+
+
+@pytest.mark.skipif(ACCELERATE is None, reason="accelerate CLI not installed")
+def test_accelerate_launch_runs_the_module(tmp_path, tiny_bert_dir, reviews_csv):
+    run_dir = tmp_path / "run"
+    recipe = classification_recipe(tiny_bert_dir, reviews_csv, run_dir, stages=[{"finetune": {"max_steps": 2}}])
+    recipe_path = write_recipe(tmp_path / "recipe.yaml", recipe)
+    result = subprocess.run(
+        [ACCELERATE, "launch", "--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
+         "--dynamo_backend", "no", "-m", "hfcompress", "run", str(recipe_path)],
+        capture_output=True, text=True, timeout=600,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((run_dir / "results.json").read_text())["stages"][0]["metrics"]["steps"] == 2
