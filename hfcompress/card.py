@@ -250,7 +250,7 @@ def _introduction(run: Run, teacher: Teacher, repo_id: str | None) -> str:
         f"# {model_name(run, repo_id)}",
         "",
         f"A compressed {task['type']} model made from {origin} by the hfcompress recipe `{run.results['name']}` "
-        f"({' → '.join(run.stage_names)}), for {task['dataset']}.",
+        f"({' → '.join(run.stage_names)}), evaluated on {task['dataset']}.",
     ]
     headline = _headline(run)
     if headline:
@@ -297,13 +297,13 @@ def _results(run: Run, plot_file: str | None) -> str | None:
     metrics = _quality_metrics(run)
     reference = run.rows[0]["metrics"]
     unit = reference.get("throughput_unit", "/s")
-    header = ["model", "stage", "parameters", "size on disk", *metrics, "latency p50", f"throughput ({unit})"]
+    header = ["model", "checkpoint", "parameters", "size on disk", *metrics, "latency p50", f"throughput ({unit})"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in run.rows:
         m = row["metrics"]
         cells = [
             f"`{row['label']}`",
-            f"`{row.get('stage_id', '')}`",
+            f"`{row['model_dir']}`" if row.get("model_dir") else "–",
             _cell(m.get("num_parameters"), reference.get("num_parameters"), lambda v: f"{v / 1e6:.2f} M"),
             _cell(m.get("size_on_disk_bytes"), reference.get("size_on_disk_bytes"), lambda v: f"{v / 1e6:.1f} MB"),
             *(_cell(m.get(name), reference.get(name), lambda v, name=name: _format_metric(name, v)) for name in metrics),
@@ -427,7 +427,7 @@ def _limitations(run: Run, teacher: Teacher) -> str:
     language = task.get("language") or "an unstated language"
     measured = ", ".join(_quality_metrics(run))
     lines = [
-        f"- Fine-tuned and evaluated only on {task['dataset']} ({language}); expect different results on other "
+        f"- Its task data all comes from {task['dataset']} ({language}); expect different results on other "
         "domains, text lengths or languages.",
         f"- Measured: {measured}, parameter count, size on disk, latency and throughput. Not evaluated: robustness, "
         "calibration, bias and fairness, out-of-domain data.",

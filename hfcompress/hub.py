@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from huggingface_hub import HfApi, constants, get_token
@@ -43,7 +43,6 @@ class PushResult:
     new_commit: bool = False
     commit_url: str | None = None
     repo_url: str | None = None
-    messages: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
         where = f"{self.endpoint}/{self.repo_id} (revision {self.revision})"
@@ -87,8 +86,6 @@ def push_to_hub(
             lambda: _push_once(api, folder, result, private=private, create_pr=create_pr, message=message),
             max_retries=max_retries,
         )
-    except HfCompressError:
-        raise
     except HfHubHTTPError as error:
         raise HfCompressError(_redact(_describe_http_error(error, result), token)) from None
     except TransportError as error:
@@ -150,8 +147,7 @@ def _with_retries(push, max_retries: int) -> PushResult:
         try:
             return push()
         except (HfHubHTTPError, TransportError) as error:
-            status = error.response.status_code if isinstance(error, HfHubHTTPError) else None
-            transient = status is None or status in RETRYABLE_STATUS_CODES
+            transient = isinstance(error, TransportError) or _status(error) in RETRYABLE_STATUS_CODES
             if not transient or attempt == max_retries:
                 raise
             time.sleep(RETRY_BASE_WAIT_S * 2**attempt)
@@ -176,13 +172,17 @@ def _refuse_files_containing(folder: Path, files: list[tuple[str, int]], token: 
             raise HfCompressError(f"{folder / path} contains your Hub token: remove it before pushing")
 
 
+def _status(error: HfHubHTTPError) -> int | None:
+    return error.response.status_code if error.response is not None else None
+
+
 def _describe_http_error(error: HfHubHTTPError, result: PushResult) -> str:
-    status = error.response.status_code
+    status = _status(error)
     where = f"{result.endpoint}/{result.repo_id}"
     if status in (401, 403):
         return (f"the Hub rejected the token (HTTP {status}) for {where}: check HF_TOKEN or `hf auth login`, and that "
                 f"the token can write to {result.repo_id.split('/')[0]!r}")
-    server_message = " ".join((error.server_message or "").split()) or error.response.reason_phrase
+    server_message = " ".join((error.server_message or "").split()) or "no details from the server"
     return f"push to {where} failed (HTTP {status}: {server_message}); " + RETRY_HINT.format(repo_id=result.repo_id)
 
 

@@ -131,9 +131,9 @@ class _Runner:
                 stage_class(entry.options), stage_id, fingerprint, current
             )
             if stage_class.produces_model:
-                current = ModelReference(name_or_path=str(self.run_dir / stage_id))
+                current = ModelReference(name_or_path=str(self.run_dir / record["model_dir"]))
                 self.models[stage_id] = current
-                self.results["final_model_dir"] = stage_id
+                self.results["final_model_dir"] = record["model_dir"]
             self.results["stages"].append(record)
             self.results["rows"].extend(record.get("rows", []))
             if self.accelerator.is_main_process:
@@ -191,7 +191,7 @@ class _Runner:
             "options": stage.options.model_dump(mode="json"),
             "fingerprint": fingerprint,
             "produces_model": stage.produces_model,
-            "model_dir": stage_id if stage.produces_model else None,
+            "model_dir": str(Path(stage_id, result.model_subdir or "")) if stage.produces_model else None,
             "seconds": round(time.perf_counter() - started, 2),
             "metrics": result.metrics,
             "rows": result.rows,

@@ -24,6 +24,7 @@ class StageOptions(BaseModel):
 class StageResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     rows: list[dict[str, Any]] = field(default_factory=list)  # evaluation rows for results.json
+    model_subdir: str | None = None  # where in the stage folder the model is, when not at its top (quantize)
 
 
 @dataclass
