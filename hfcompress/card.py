@@ -16,6 +16,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData, get_token
 
 from .errors import HfCompressError
 from .fileio import read_json, write_text
+from .modeling import PRUNING_RECORD, QUANTIZATION_RECORD
 from .plotting import plot_size_vs_quality
 from .report import load_results
 from .sources import local_path
@@ -25,9 +26,7 @@ PLOT_FILE = "size_vs_quality.png"
 PIPELINE_TAGS = {"text-classification": "text-classification", "causal-lm": "text-generation"}
 AUTO_CLASSES = {"text-classification": "AutoModelForSequenceClassification", "causal-lm": "AutoModelForCausalLM"}
 STAGE_TAGS = {"distill": "distillation", "prune": "pruned", "quantize": "quantized"}
-HUB_LIBRARY_TAGS = {"bitsandbytes": "bitsandbytes", "quanto": "quanto"}
-PRUNING_RECORD = "pruning_structure.json"
-QUANTIZATION_RECORD = "quantization.json"
+HUB_LIBRARY_TAGS = {"bitsandbytes", "quanto"}  # quantization backends that are also Hub library tags
 REPO_PLACEHOLDER = "YOUR_NAMESPACE/{name}"
 
 # A model id quoted in the loading code of a card, e.g. from_pretrained('sentence-transformers/all-MiniLM-L6-v2').
@@ -98,7 +97,7 @@ def load_run(run_dir: Path) -> Run:
 
 
 def read_quantization(folder: Path) -> Quantization | None:
-    """How a checkpoint is quantized: quantization.json (written by hfcompress), else config.json's bitsandbytes config."""
+    """How a checkpoint is quantized: hfcompress's quantization.json, else a bitsandbytes config in config.json."""
     record = folder / QUANTIZATION_RECORD
     config = folder / "config.json"
     bnb = read_json(config).get("quantization_config") if config.is_file() else None
@@ -109,7 +108,8 @@ def read_quantization(folder: Path) -> Quantization | None:
         details, backend = bnb, "bitsandbytes"
     else:
         return None
-    return Quantization(backend=backend, bits=_bits(details, bnb if backend == "bitsandbytes" else None), details=details)
+    bits = _bits(details, bnb if backend == "bitsandbytes" else None)
+    return Quantization(backend=backend, bits=bits, details=details)
 
 
 def _bits(details: dict, bnb_config: dict | None) -> int | None:
@@ -152,7 +152,8 @@ def _id_loaded_in(card: ModelCard | None) -> str | None:
     """
     if card is None:
         return None
-    ids = set(_LOADED_ID.findall(card.text))
+    placeholder = REPO_PLACEHOLDER.split("/")[0]  # an hfcompress card written before its repo id was known
+    ids = {model_id for model_id in _LOADED_ID.findall(card.text) if not model_id.startswith(placeholder)}
     return ids.pop() if len(ids) == 1 else None
 
 
@@ -198,7 +199,7 @@ def card_tags(run: Run) -> list[str]:
         if quantization.bits is not None:
             tags.append(f"{quantization.bits}-bit")
         if quantization.backend in HUB_LIBRARY_TAGS:
-            tags.append(HUB_LIBRARY_TAGS[quantization.backend])
+            tags.append(quantization.backend)
     return tags
 
 
@@ -270,17 +271,20 @@ def _headline(run: Run) -> str | None:
     if final["metrics"].get(metric) is not None and reference["metrics"].get(metric) is not None:
         parts.append(f"{metric} {_format_metric(metric, final['metrics'][metric])} "
                      f"(vs {_format_metric(metric, reference['metrics'][metric])})")
-    return f"**Final model:** {', '.join(parts)} on the {final['metrics'].get('split', 'test')} split." if parts else None
+    if not parts:
+        return None
+    return f"**Final model:** {', '.join(parts)} on the {final['metrics'].get('split', 'test')} split."
 
 
 def _lineage(run: Run, teacher: Teacher) -> str:
     lines = ["## How it was made", ""]
-    known_as = f" (a local copy of `{teacher.hub_id}`)" if teacher.hub_id and teacher.hub_id != teacher.reference else ""
+    is_local_copy = teacher.hub_id and teacher.hub_id != teacher.reference
+    known_as = f" (a local copy of `{teacher.hub_id}`)" if is_local_copy else ""
     lines.append(f"- teacher: `{teacher.reference}`{known_as}")
     for stage in run.results.get("stages", []):
         produced = ", produced a model" if stage.get("produces_model") else ""
         seconds = f", {stage['seconds']:.0f} s" if stage.get("seconds") is not None else ""
-        options = json.dumps(stage.get("options") or {}, sort_keys=True)
+        options = json.dumps({k: v for k, v in (stage.get("options") or {}).items() if v is not None}, sort_keys=True)
         lines.append(f"- `{stage['id']}` **{stage['stage']}**{produced}{seconds}: `{options}`")
     if run.results.get("final_model_dir"):
         lines += ["", f"This repository holds the checkpoint of `{run.results['final_model_dir']}`."]
@@ -306,7 +310,8 @@ def _results(run: Run, plot_file: str | None) -> str | None:
             f"`{row['model_dir']}`" if row.get("model_dir") else "–",
             _cell(m.get("num_parameters"), reference.get("num_parameters"), lambda v: f"{v / 1e6:.2f} M"),
             _cell(m.get("size_on_disk_bytes"), reference.get("size_on_disk_bytes"), lambda v: f"{v / 1e6:.1f} MB"),
-            *(_cell(m.get(name), reference.get(name), lambda v, name=name: _format_metric(name, v)) for name in metrics),
+            *(_cell(m.get(name), reference.get(name), lambda v, name=name: _format_metric(name, v))
+              for name in metrics),
             _cell(m.get("latency_ms_p50"), reference.get("latency_ms_p50"), lambda v: f"{v:.1f} ms"),
             _cell(m.get("throughput_per_s"), reference.get("throughput_per_s"), lambda v: f"{v:.1f}"),
         ]
@@ -339,10 +344,11 @@ def _generations(run: Run) -> str | None:
     samples = run.results.get("generations")
     if not samples:
         return None
-    lines = ["## Sample generations", "", "Greedy continuations of the same prompts by the teacher and the final model."]
+    lines = ["## Sample generations", "", "The same prompts continued by the teacher and by the final model."]
     for number, sample in enumerate(samples, start=1):
         lines += ["", f"**Prompt {number}:**", _text_block(sample["prompt"])]
-        lines += ["teacher:", _text_block(sample.get("teacher", "")), "final model:", _text_block(sample.get("final", ""))]
+        lines += ["teacher:", _text_block(sample.get("teacher", ""))]
+        lines += ["final model:", _text_block(sample.get("final", ""))]
     return "\n".join(lines)
 
 
@@ -400,9 +406,9 @@ def _usage_notes(run: Run, quantization: Quantization | None) -> list[str]:
         notes.append(f"The weights are optimum-quanto tensors (`{QUANTIZATION_RECORD}`); `hfcompress.from_pretrained` "
                      "restores them (needs `pip install optimum-quanto`).")
     if quantization is not None and quantization.backend == "bitsandbytes":
-        notes.append("The `BitsAndBytesConfig` is stored in `config.json` (`quantization_config`), so `from_pretrained` "
-                     "re-creates the quantized layers by itself; it needs `pip install bitsandbytes`. On a GPU use "
-                     '`device_map="auto"` instead of `"cpu"`.')
+        notes.append("The `BitsAndBytesConfig` is stored in `config.json` (`quantization_config`), so "
+                     "`from_pretrained` re-creates the quantized layers; it needs `pip install bitsandbytes`. "
+                     'On a GPU use `device_map="auto"` instead of `"cpu"`.')
     if quantization is not None and quantization.backend == "half":
         notes.append(f"The weights are stored in {quantization.details.get('dtype', 'half precision')}.")
     return ["", *notes] if notes else []
@@ -437,7 +443,8 @@ def _limitations(run: Run, teacher: Teacher) -> str:
         "model's card.",
     ]
     if task["type"] == "causal-lm":
-        lines.append("- Perplexity measures fit to the evaluation text, not whether generations are useful, safe or true.")
+        lines.append("- Perplexity measures fit to the evaluation text, not whether generations are useful, safe or "
+                     "true.")
     if task.get("label_names"):
         lines.append(f"- Labels: {', '.join(task['label_names'])}.")
     if run.final_row is None:

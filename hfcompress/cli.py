@@ -1,9 +1,10 @@
-"""`hfcompress run | validate | report` (and `python -m hfcompress`, `accelerate launch -m hfcompress`)."""
+"""`hfcompress run | validate | report | card | push` (and `python -m hfcompress`, `accelerate launch -m hfcompress`)."""
 
 from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from .errors import HfCompressError
 
@@ -26,6 +27,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="print the stage-by-stage table of a finished run")
     report.add_argument("run_dir")
+
+    card = commands.add_parser("card", help="write the model card of a run (final checkpoint + model_cards/)")
+    card.add_argument("run_dir")
+    card.add_argument("--repo-id", help="the repo the card's loading code names")
+    card.add_argument("--model-cards-dir", default="model_cards")
+
+    push = commands.add_parser("push", help="publish a run's final checkpoint and card to the Hub")
+    push.add_argument("run_dir")
+    push.add_argument("--repo-id", required=True, help="NAMESPACE/NAME")
+    push.add_argument("--private", action="store_true")
+    push.add_argument("--revision", help="branch to push to (created if missing)")
+    push.add_argument("--create-pr", action="store_true")
+    push.add_argument("--commit-message")
+    push.add_argument("--dry-run", action="store_true", help="list what would be uploaded and where; upload nothing")
     return parser
 
 
@@ -65,7 +80,23 @@ def _report(args) -> int:
     return 0
 
 
-COMMANDS = {"run": _run, "validate": _validate, "report": _report}
+def _card(args) -> int:
+    from .card import write_model_card
+
+    print(write_model_card(Path(args.run_dir), Path(args.model_cards_dir), repo_id=args.repo_id))
+    return 0
+
+
+def _push(args) -> int:
+    from .hub import push_run
+
+    result = push_run(Path(args.run_dir), args.repo_id, private=args.private, revision=args.revision,
+                      create_pr=args.create_pr, commit_message=args.commit_message, dry_run=args.dry_run)
+    print(result.summary())
+    return 0
+
+
+COMMANDS = {"run": _run, "validate": _validate, "report": _report, "card": _card, "push": _push}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -136,6 +136,7 @@ class _Runner:
                 self.results["final_model_dir"] = record["model_dir"]
             self.results["stages"].append(record)
             self.results["rows"].extend(record.get("rows", []))
+            self.results["generations"] = generation_samples(self.results["rows"])
             if self.accelerator.is_main_process:
                 write_json(self.run_dir / RESULTS_FILE, self.results)
         return self.results
@@ -203,6 +204,15 @@ class _Runner:
         accelerator.wait_for_everyone()
         logger.info("%s: done in %.1f s", stage_id, record["seconds"])
         return record
+
+
+def generation_samples(rows: list[dict]) -> list[dict]:
+    """The first and the last evaluated model's completions of the same prompt, for the model card."""
+    generated = [row["metrics"] for row in rows if "generation" in row["metrics"]]
+    if not generated:
+        return []
+    first, last = generated[0], generated[-1]
+    return [{"prompt": first["generation_prompt"], "teacher": first["generation"], "final": last["generation"]}]
 
 
 def _prepare_partial(partial: Path, fingerprint: str) -> None:

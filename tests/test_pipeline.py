@@ -127,3 +127,23 @@ def test_report_prints_the_table(finished_run):
     result = subprocess.run([sys.executable, "-m", "hfcompress", "report", str(run_dir)], capture_output=True, text=True)
     assert result.returncode == 0
     assert "01-finetune" in result.stdout and "accuracy" in result.stdout and "faster x" in result.stdout
+
+
+def test_card_stage_and_push_dry_run(tmp_path, tiny_bert_dir, reviews_csv):
+    from huggingface_hub import ModelCard
+
+    run_dir, cards = tmp_path / "run", tmp_path / "cards"
+    recipe = classification_recipe(tiny_bert_dir, reviews_csv, run_dir)
+    recipe["stages"].append({"card": {"model_cards_dir": str(cards), "repo_id": "me/tiny"}})
+    results = run(parse_recipe(recipe))
+    card = ModelCard.load(run_dir / "01-finetune" / "README.md")
+    final = results["rows"][-1]["metrics"]
+    assert {r.metric_type: r.metric_value for r in card.data.eval_results} == pytest.approx(
+        {"accuracy": final["accuracy"], "f1": final["f1"]})
+    assert (cards / "tiny" / "README.md").read_text() == (run_dir / "01-finetune" / "README.md").read_text()
+    assert str(tmp_path) not in card.content
+
+    result = subprocess.run([sys.executable, "-m", "hfcompress", "push", str(run_dir), "--repo-id", "me/tiny",
+                             "--dry-run"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "dry run: would upload" in result.stdout and "model.safetensors" in result.stdout
