@@ -84,10 +84,16 @@ def convert_gguf_checkpoint(reference: ModelReference, model_class, folder: Path
 
 def save_checkpoint(model, tokenizer, folder: Path, accelerator=None) -> None:
     """`save_pretrained` the (unwrapped) model and its tokenizer; call it on the main process only."""
+    from .pruning import save_pruned
+    from .pruning.adapters import is_supported
+
     if accelerator is not None:
         model = accelerator.unwrap_model(model)
     folder.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(folder, safe_serialization=True)
+    if is_supported(model):  # keeps the structure record of a model whose layers were pruned unevenly
+        save_pruned(model, folder)
+    else:
+        model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -10,6 +11,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
+from ..data import batch_to_model_inputs
 from ..modeling import load_model, save_checkpoint
 from ..recipe import ModelReference, Recipe
 
@@ -70,9 +72,17 @@ class StageContext:
         return self.models[name]
 
     def load_model(self, reference: ModelReference | None = None, **kwargs):
+        """Load a model for the task; the teacher is shaped for it (label set), later checkpoints already are."""
         reference = reference or self.model
-        key = "teacher" if reference == self.models["teacher"] else f"stages.{self.stage_id}"
-        return load_model(reference, self.task.model_class, key, **self.task.model_kwargs(self.data), **kwargs)
+        if reference == self.models["teacher"]:
+            return load_model(reference, self.task.model_class, "teacher", **self.task.model_kwargs(self.data), **kwargs)
+        return load_model(reference, self.task.model_class, f"stages.{self.stage_id}", **kwargs)
+
+    def calibration_batches(self, num_samples: int, batch_size: int) -> list[dict]:
+        """A few shuffled training batches (model inputs + labels) for importance scores and calibration."""
+        loader = self.data.dataloader("train", batch_size, shuffle=True, seed=self.recipe.seed)
+        batches = itertools.islice(loader, max(1, -(-num_samples // batch_size)))
+        return [batch_to_model_inputs(batch) for batch in batches]
 
     def save_model(self, model) -> None:
         if self.is_main_process:

@@ -1,0 +1,42 @@
+"""Structured pruning: remove attention heads, feed-forward neurons and whole blocks from a transformer.
+
+transformers 5 dropped `prune_heads` and head masks, so this package slices the weights itself, updates the
+attributes the attention forward reads, rewrites the config, and saves checkpoints that reload.
+
+    scores = head_importance(model, calibration_batches)          # Tensor [layers, heads]
+    prune_heads(model, select_heads(scores, sparsity=0.3))         # {layer: [head, ...]}
+    prune_ffn(model, select_ffn(ffn_importance(model, method="magnitude"), sparsity=0.2, scope="uniform"))
+    prune_layers(model, select_layers(layer_importance(model, calibration_batches), drop=2))
+    save_pruned(model, "out/")                                     # + pruning_structure.json when needed
+    model = load_pruned("out/", AutoModelForSequenceClassification)
+
+Supported model types: see `ADAPTERS` (BERT, RoBERTa, DistilBERT, GPT-2, Llama, Mistral, Qwen2).
+"""
+
+from .adapters import ADAPTERS, LayerShape, adapter_for
+from .checkpoint import load_pruned, save_pruned
+from .importance import ffn_importance, head_importance, layer_importance
+from .selection import select_ffn, select_heads, select_layers
+from .structure import STRUCTURE_FILE, layer_shapes, needs_structure_record, structure_record
+from .surgery import prune_ffn, prune_heads, prune_layers
+
+__all__ = [
+    "ADAPTERS",
+    "STRUCTURE_FILE",
+    "LayerShape",
+    "adapter_for",
+    "ffn_importance",
+    "head_importance",
+    "layer_importance",
+    "layer_shapes",
+    "load_pruned",
+    "needs_structure_record",
+    "prune_ffn",
+    "prune_heads",
+    "prune_layers",
+    "save_pruned",
+    "select_ffn",
+    "select_heads",
+    "select_layers",
+    "structure_record",
+]

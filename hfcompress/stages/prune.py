@@ -1,0 +1,150 @@
+"""`prune`: remove whole layers, attention heads and FFN neurons, chosen by measured importance (or at random,
+as the control that importance must beat). Recovery is the next stage in the recipe: a short finetune or distill.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import Literal
+
+import torch
+from pydantic import Field, model_validator
+
+from ..evaluation import count_parameters
+from ..pruning import (
+    ffn_importance,
+    head_importance,
+    layer_importance,
+    layer_shapes,
+    needs_structure_record,
+    prune_ffn,
+    prune_heads,
+    prune_layers,
+    save_pruned,
+    select_ffn,
+    select_heads,
+    select_layers,
+)
+from ..recipe import StrictModel
+from . import register_stage
+from .base import Stage, StageContext, StageOptions, StageResult
+
+logger = logging.getLogger(__name__)
+
+
+class _Budget(StrictModel):
+    sparsity: float | None = Field(None, gt=0, lt=1)
+    count: int | None = Field(None, ge=1)
+    scope: Literal["global", "uniform"] = "global"
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        if (self.sparsity is None) == (self.count is None):
+            raise ValueError("give exactly one of `sparsity` (a fraction) or `count`")
+        return self
+
+
+class HeadBudget(_Budget):
+    min_per_layer: int = Field(1, ge=1, description="never empty a layer by head pruning; drop layers instead")
+    group_strategy: Literal["whole_groups", "heads_per_group"] = "whole_groups"  # grouped-query attention
+
+
+class FfnBudget(_Budget):
+    method: Literal["gradient", "magnitude"] = "gradient"
+
+
+class LayerBudget(StrictModel):
+    drop: int = Field(ge=1)
+    method: Literal["block_influence", "loss"] = "block_influence"
+
+
+class PruneOptions(StageOptions):
+    layers: LayerBudget | None = None
+    heads: HeadBudget | None = None
+    ffn: FfnBudget | None = None
+    selection: Literal["importance", "random"] = "importance"
+    calibration_samples: int = Field(256, ge=1)
+    calibration_batch_size: int = Field(16, ge=1)
+
+    @model_validator(mode="after")
+    def _something_to_prune(self):
+        if not (self.layers or self.heads or self.ffn):
+            raise ValueError("give at least one of `layers`, `heads`, `ffn`")
+        return self
+
+
+@register_stage
+class PruneStage(Stage):
+    name = "prune"
+    options_model = PruneOptions
+    produces_model = True
+    main_process_only = True  # importance is a few calibration batches; the other processes wait
+
+    def run(self, ctx: StageContext) -> StageResult:
+        options = self.options
+        model = ctx.load_model()
+        batches = ctx.calibration_batches(options.calibration_samples, options.calibration_batch_size)
+        chooser = _RandomChoice(ctx.recipe.seed) if options.selection == "random" else None
+        before = count_parameters(model)
+        removed = {}
+        if options.layers:
+            scores = chooser.scores(len(layer_shapes(model))) if chooser else layer_importance(model, batches, options.layers.method)
+            removed["layers"] = select_layers(scores, options.layers.drop)
+            prune_layers(model, removed["layers"])
+        if options.heads:
+            removed["heads"] = self._prune_heads(model, batches, chooser)
+        if options.ffn:
+            removed["ffn"] = self._prune_ffn(model, batches, chooser)
+        model.zero_grad(set_to_none=True)
+        if ctx.is_main_process:
+            save_pruned(model, ctx.out_dir)
+            ctx.tokenizer.save_pretrained(ctx.out_dir)
+        after = count_parameters(model)
+        logger.info("%s: %d -> %d parameters (%.1f%% removed)", ctx.stage_id, before, after, 100 * (1 - after / before))
+        return StageResult(metrics={
+            "parameters_before": before,
+            "parameters_after": after,
+            "removed": {kind: _counts(kind, value) for kind, value in removed.items()},
+            "layer_shapes": [dataclasses.asdict(shape) for shape in layer_shapes(model)],
+            "loader": "hfcompress.from_pretrained" if needs_structure_record(model) else "transformers",
+            "selection": options.selection,
+        })
+
+    def _prune_heads(self, model, batches, chooser) -> dict[int, list[int]]:
+        budget = self.options.heads
+        shapes = layer_shapes(model)
+        group_size = shapes[0].heads // shapes[0].kv_heads
+        scores = chooser.per_layer([shape.heads for shape in shapes]) if chooser else head_importance(model, batches)
+        heads = select_heads(scores, budget.sparsity, budget.count, budget.scope, budget.min_per_layer,
+                             group_size=group_size, group_strategy=budget.group_strategy)
+        prune_heads(model, heads)
+        return heads
+
+    def _prune_ffn(self, model, batches, chooser) -> dict[int, list[int]]:
+        budget = self.options.ffn
+        sizes = [shape.ffn_size for shape in layer_shapes(model)]
+        scores = chooser.per_layer(sizes) if chooser else ffn_importance(model, batches, budget.method)
+        neurons = select_ffn(scores, budget.sparsity, budget.count, budget.scope)
+        prune_ffn(model, neurons)
+        return neurons
+
+
+class _RandomChoice:
+    """Random scores: the same budget spent blindly, the control that measured importance must beat."""
+
+    def __init__(self, seed: int):
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def scores(self, size: int) -> torch.Tensor:
+        return torch.rand(size, generator=self.generator)
+
+    def per_layer(self, sizes: list[int]) -> list[torch.Tensor]:
+        return [self.scores(size) for size in sizes]
+
+
+def _counts(kind: str, removed) -> object:
+    if kind == "layers":
+        return removed
+    return {int(layer): len(units) for layer, units in removed.items()}
+
