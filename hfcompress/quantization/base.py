@@ -1,0 +1,104 @@
+"""The interface every quantization backend implements, and what they share: the record file, the task head, sizes."""
+
+from __future__ import annotations
+
+import importlib
+from abc import ABC, abstractmethod
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig
+
+from ..errors import HfCompressError
+from ..fileio import read_json, write_json
+from .options import variant_name
+
+RECORD_FILE = "quantization.json"
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+
+
+class QuantizationBackend(ABC):
+    """One way of quantizing a transformers checkpoint (one module per backend, like transformers' `quantizers/`)."""
+
+    name: str
+    package: str | None = None  # the package it needs; a missing one is a user-facing error, not an ImportError
+    quantized_types: tuple[str, ...] = ()  # class names of the modules it puts in place of float ones
+
+    @abstractmethod
+    def quantize(self, model_dir: Path, model_class, variant, calibration_batches: Iterable[dict] | None) -> nn.Module:
+        """Load the full-precision `save_pretrained` folder `model_dir` as a quantized model."""
+
+    @abstractmethod
+    def save(self, model: nn.Module, out_dir: Path, variant) -> None:
+        """Write a checkpoint of the quantized model (the record file included) that `load` restores."""
+
+    @abstractmethod
+    def load(self, path: Path, model_class) -> nn.Module:
+        """Reload a checkpoint that `save` wrote."""
+
+    def require_package(self) -> None:
+        if self.package is None:
+            return
+        try:
+            importlib.import_module(self.package)
+        except ImportError as error:
+            raise HfCompressError(f"quantization backend {self.name!r} needs the {self.package!r} package, which "
+                                  f"cannot be imported here ({error}); pip install {self.package}") from None
+
+
+def write_record(out_dir: Path, variant, **extra) -> None:
+    """quantization.json: the variant's options at top level (backend, bits / weights / dtype, ...) plus `extra`."""
+    write_json(Path(out_dir) / RECORD_FILE, {**variant.model_dump(mode="json"), "name": variant_name(variant), **extra})
+
+
+def read_record(path: Path) -> dict:
+    record = Path(path) / RECORD_FILE
+    if not record.is_file():
+        raise HfCompressError(f"{path}: no {RECORD_FILE}, so this is not a checkpoint hfcompress quantized")
+    return read_json(record)
+
+
+def task_head_names(model_dir: Path, model_class) -> list[str]:
+    """The top-level modules outside the base model (BERT's `classifier`, Llama's `lm_head` or `score`).
+
+    They stay in full precision: they are small, sensitive, and bitsandbytes cannot quantize a head that the
+    checkpoint lacks (a freshly initialised classifier fails at its first forward).
+    """
+    config = AutoConfig.from_pretrained(str(model_dir))
+    with torch.device("meta"):
+        skeleton = model_class.from_config(config)
+    return [
+        name for name, child in skeleton.named_children()
+        if name != skeleton.base_model_prefix and any(True for _ in child.parameters())
+    ]
+
+
+def modules_of_types(model: nn.Module, types: Iterable[str]) -> dict[str, str]:
+    """Module name -> class name, for the modules whose class is one of `types`."""
+    types = set(types)
+    return {name: type(module).__name__ for name, module in model.named_modules() if type(module).__name__ in types}
+
+
+def size_on_disk(path: str | Path) -> int:
+    """Bytes of the weight files in a checkpoint folder (config, tokenizer and records not counted)."""
+    files = [file for file in Path(path).rglob("*") if file.is_file() and file.suffix in WEIGHT_FILE_SUFFIXES]
+    return sum(file.stat().st_size for file in files)
+
+
+def memory_footprint(model: nn.Module) -> int:
+    """Bytes of parameters and buffers in memory, quantized storage counted at its real width.
+
+    Like transformers' `get_memory_footprint`, except for tensor subclasses that keep their data in inner tensors
+    (quanto's int weights), which that counts as if they were float.
+    """
+    tensors = {id(tensor): tensor for tensor in [*model.parameters(), *model.buffers()]}  # tied weights once
+    return sum(_tensor_bytes(tensor) for tensor in tensors.values())
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    if hasattr(tensor, "__tensor_flatten__"):
+        inner_names, _ = tensor.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(tensor, name)) for name in inner_names)
+    return tensor.nelement() * tensor.element_size()

@@ -1,0 +1,104 @@
+"""bitsandbytes: LLM.int8() and NF4/FP4 Linear layers, loaded through transformers' BitsAndBytesConfig.
+
+The quantization config is stored in config.json, so plain `from_pretrained` reloads the checkpoint
+(unless the word embeddings are quantized too: see bnb_embeddings.py).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import BitsAndBytesConfig
+
+from ..errors import HfCompressError
+from .base import QuantizationBackend, read_record, task_head_names, write_record
+from .options import BitsAndBytesOptions
+
+
+class BitsAndBytesBackend(QuantizationBackend):
+    name = "bitsandbytes"
+    package = "bitsandbytes"
+    quantized_types = ("Linear8bitLt", "Linear4bit", "Embedding8bit", "Embedding4bit")
+
+    def quantize(self, model_dir: Path, model_class, variant: BitsAndBytesOptions,
+                 calibration_batches: Iterable[dict] | None = None) -> nn.Module:
+        self.require_package()
+        config = bitsandbytes_config(variant, skip=task_head_names(model_dir, model_class) + variant.skip_modules)
+        model = self._from_pretrained(model_dir, model_class, quantization_config=config)
+        if variant.quantize_embeddings:
+            from .bnb_embeddings import quantize_input_embeddings
+
+            quantize_input_embeddings(model, variant.bits, variant.quant_type)
+        return model
+
+    def save(self, model: nn.Module, out_dir: Path, variant: BitsAndBytesOptions) -> None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        if variant.quantize_embeddings:
+            from .bnb_embeddings import save_with_input_embeddings_apart
+
+            save_with_input_embeddings_apart(model, out_dir)
+        else:
+            model.save_pretrained(out_dir)
+        write_record(out_dir, variant)
+
+    def load(self, path: Path, model_class) -> nn.Module:
+        self.require_package()
+        if read_record(path).get("quantize_embeddings"):
+            from .bnb_embeddings import load_with_input_embeddings_apart
+
+            return self._from_pretrained(path, model_class, loader=load_with_input_embeddings_apart)
+        return self._from_pretrained(path, model_class)
+
+    def _from_pretrained(self, path: Path, model_class, loader=None, **kwargs) -> nn.Module:
+        loader = loader or _plain_from_pretrained
+        try:
+            model = loader(path, model_class, device_map=_device_map(), **kwargs)
+        except (ImportError, NotImplementedError) as error:
+            raise HfCompressError(f"bitsandbytes cannot run on this machine ({path}): {_first_line(error)}") from None
+        _compute_4bit_as_configured(model)
+        return model.eval()
+
+
+def bitsandbytes_config(variant: BitsAndBytesOptions, skip: list[str]) -> BitsAndBytesConfig:
+    if variant.bits == 8:
+        return BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=variant.llm_int8_threshold,
+                                  llm_int8_skip_modules=skip)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=variant.quant_type,
+        bnb_4bit_use_double_quant=variant.double_quant,
+        bnb_4bit_compute_dtype=getattr(torch, variant.compute_dtype),
+        llm_int8_skip_modules=skip,  # transformers reads the skip list from this key for 4-bit too
+    )
+
+
+def _compute_4bit_as_configured(model: nn.Module) -> None:
+    """Turn off bitsandbytes' AVX512-BF16 CPU path for 4-bit layers.
+
+    On CPUs with AVX512-BF16, bitsandbytes (0.50) repacks 4-bit weights at the first forward and then multiplies
+    in bfloat16 whatever `compute_dtype` says; saving after that writes the per-block scales transposed, so the
+    reloaded model is wrong (seen here: max logit error 0.03 on a tiny Llama). With this path off, 4-bit layers
+    compute in `compute_dtype`, give the same outputs on every CPU and save correctly; they are ~15% slower.
+    """
+    import bitsandbytes as bnb
+
+    for module in model.modules():
+        if isinstance(module, bnb.nn.Linear4bit):
+            module.support_avx512bf16_for_cpu = False
+
+
+def _plain_from_pretrained(path: Path, model_class, **kwargs):
+    return model_class.from_pretrained(str(path), **kwargs)
+
+
+def _device_map():
+    return {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -1,0 +1,35 @@
+"""half: every weight in float16 or bfloat16 (no quantized modules; the 2x baseline the others are compared with).
+
+Norm layers are not pinned to float32: PyTorch's layer_norm accumulates half-precision inputs in float32,
+Llama-style RMSNorm computes its variance in float32 itself, and transformers already keeps the modules a
+model lists in `_keep_in_fp32_modules` in float32.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .base import QuantizationBackend, read_record, write_record
+from .options import HalfOptions
+
+
+class HalfBackend(QuantizationBackend):
+    name = "half"
+
+    def quantize(self, model_dir: Path, model_class, variant: HalfOptions,
+                 calibration_batches: Iterable[dict] | None = None) -> nn.Module:
+        return model_class.from_pretrained(str(model_dir), dtype=getattr(torch, variant.dtype)).eval()
+
+    def save(self, model: nn.Module, out_dir: Path, variant: HalfOptions) -> None:
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out_dir)
+        write_record(out_dir, variant)
+
+    def load(self, path: Path, model_class) -> nn.Module:
+        dtype = getattr(torch, read_record(path)["dtype"])
+        return model_class.from_pretrained(str(path), dtype=dtype).eval()

@@ -1,0 +1,116 @@
+"""What a quantized variant is: one options model per backend, told apart by `backend`.
+
+    {backend: bitsandbytes, bits: 8, llm_int8_threshold: 6.0}
+    {backend: bitsandbytes, bits: 4, quant_type: nf4, double_quant: true, compute_dtype: float32}
+    {backend: quanto, weights: int4, activations: int8, calibration_batches: 8}
+    {backend: half, dtype: bfloat16}
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, TypeAdapter, ValidationError, model_validator
+
+from ..errors import HfCompressError
+
+FOUR_BIT_ONLY = ("quant_type", "double_quant", "compute_dtype")
+EIGHT_BIT_ONLY = ("llm_int8_threshold",)
+
+
+class _Variant(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str | None = Field(None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # replaces the derived variant name
+
+
+class BitsAndBytesOptions(_Variant):
+    """LLM.int8() (bits 8) or QLoRA-style NF4/FP4 (bits 4) Linear layers, through transformers' BitsAndBytesConfig."""
+
+    backend: Literal["bitsandbytes"]
+    bits: Literal[8, 4]
+    llm_int8_threshold: float = Field(6.0, ge=0)  # 8-bit: inputs above it take the fp16 outlier path
+    quant_type: Literal["nf4", "fp4"] = "nf4"
+    double_quant: bool = False  # 4-bit: quantize the per-block scales too
+    compute_dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    skip_modules: list[str] = Field(default_factory=list)  # kept in full precision, besides the task head
+    quantize_embeddings: bool = False  # the word embeddings too (bitsandbytes Embedding8bit / Embedding4bit)
+
+    @model_validator(mode="after")
+    def _only_keys_of_this_bit_width(self):
+        misplaced = FOUR_BIT_ONLY if self.bits == 8 else EIGHT_BIT_ONLY
+        given = [key for key in misplaced if key in self.model_fields_set]
+        if given:
+            other = 4 if self.bits == 8 else 8
+            raise ValueError(f"{', '.join(given)} only applies to bits: {other}")
+        return self
+
+
+class QuantoOptions(_Variant):
+    """optimum-quanto: int8/int4/int2 weights, optionally int8 activations calibrated on a few batches."""
+
+    backend: Literal["quanto"]
+    weights: Literal["int8", "int4", "int2"] = "int8"
+    activations: Literal["int8"] | None = None
+    calibration_batches: int = Field(8, ge=1)
+    skip_modules: list[str] = Field(default_factory=list)  # kept in full precision, besides the task head
+    quantize_embeddings: bool = False
+
+    @model_validator(mode="after")
+    def _embeddings_unsupported(self):
+        if self.quantize_embeddings:
+            raise ValueError("optimum-quanto has no quantized Embedding module (it quantizes Linear, Conv2d and "
+                             "LayerNorm layers); use backend: bitsandbytes to quantize the embeddings")
+        return self
+
+
+class HalfOptions(_Variant):
+    """Every weight, embeddings included, in 16-bit floats."""
+
+    backend: Literal["half"]
+    dtype: Literal["float16", "bfloat16"] = "bfloat16"
+
+
+BACKEND_NAMES = ("bitsandbytes", "quanto", "half")
+
+
+def _backend_of(value) -> str | None:
+    return value.get("backend") if isinstance(value, dict) else getattr(value, "backend", None)
+
+
+VariantOptions = Annotated[
+    Union[
+        Annotated[BitsAndBytesOptions, Tag("bitsandbytes")],
+        Annotated[QuantoOptions, Tag("quanto")],
+        Annotated[HalfOptions, Tag("half")],
+    ],
+    Discriminator(
+        _backend_of,
+        custom_error_type="unknown_backend",
+        custom_error_message=f"backend must be one of: {', '.join(BACKEND_NAMES)}",
+    ),
+]
+_VARIANT_ADAPTER = TypeAdapter(VariantOptions)
+
+
+def parse_variant(data: dict | BaseModel) -> BitsAndBytesOptions | QuantoOptions | HalfOptions:
+    """Validate one variant given as a dict; a problem becomes one HfCompressError line per bad key."""
+    try:
+        return _VARIANT_ADAPTER.validate_python(data)
+    except ValidationError as error:
+        problems = [f"{'.'.join(str(part) for part in e['loc'][1:]) or 'backend'}: {e['msg']}" for e in error.errors()]
+        raise HfCompressError(f"quantization variant {data!r}: {'; '.join(problems)}") from None
+
+
+def variant_name(variant) -> str:
+    """A short, folder-safe name: bnb-int8, bnb-nf4-dq, quanto-int4, quanto-int8-a8, bf16, ... (or the given name)."""
+    if variant.name:
+        return variant.name
+    if variant.backend == "half":
+        return {"float16": "fp16", "bfloat16": "bf16"}[variant.dtype]
+    if variant.backend == "bitsandbytes":
+        name = "bnb-int8" if variant.bits == 8 else f"bnb-{variant.quant_type}"
+        name += "-dq" if variant.bits == 4 and variant.double_quant else ""
+    else:
+        name = f"quanto-{variant.weights}" + ("-a8" if variant.activations else "")
+    return name + ("-emb" if variant.quantize_embeddings else "")

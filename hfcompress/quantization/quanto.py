@@ -1,0 +1,124 @@
+"""optimum-quanto: int8/int4/int2 weights (QLinear), optionally int8 activations calibrated on a few batches.
+
+A checkpoint is `save_pretrained` of the frozen model (each quantized weight is stored as its `_data` and
+`_scale` tensors) plus quanto's quantization map in quantization.json; `load` rebuilds the model empty and
+calls `optimum.quanto.requantize`, as quanto's own QuantizedTransformersModel does.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from accelerate import init_empty_weights
+from safetensors.torch import load_file
+from torch import nn
+from transformers import AutoConfig
+
+from ..errors import HfCompressError
+from .base import QuantizationBackend, read_record, task_head_names, write_record
+from .options import QuantoOptions
+
+
+class QuantoBackend(QuantizationBackend):
+    name = "quanto"
+    package = "optimum.quanto"
+    quantized_types = ("QLinear", "QConv2d", "QLayerNorm")
+
+    def quantize(self, model_dir: Path, model_class, variant: QuantoOptions,
+                 calibration_batches: Iterable[dict] | None = None) -> nn.Module:
+        self.require_package()
+        from optimum.quanto import freeze, quantize
+
+        if variant.activations and calibration_batches is None:
+            raise HfCompressError(f"quanto activations: {variant.activations} needs calibration batches, none given")
+        model = model_class.from_pretrained(str(model_dir)).eval()
+        skip = task_head_names(model_dir, model_class) + variant.skip_modules
+        quantize(model, weights=_qtype(variant.weights), activations=_qtype(variant.activations),
+                 exclude=exclude_patterns(skip))
+        if variant.activations:
+            calibrate(model, itertools.islice(calibration_batches, variant.calibration_batches))
+        freeze(model)  # float weights -> stored int weights
+        return model
+
+    def save(self, model: nn.Module, out_dir: Path, variant: QuantoOptions) -> None:
+        from optimum.quanto import quantization_map
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(out_dir)
+        write_record(out_dir, variant, quantization_map=quantization_map(model), float_outputs=float_outputs(model))
+
+    def load(self, path: Path, model_class) -> nn.Module:
+        self.require_package()
+        from optimum.quanto import requantize
+
+        record = read_record(path)
+        with init_empty_weights():
+            model = model_class.from_config(AutoConfig.from_pretrained(str(path)))
+        state_dict = _read_weights(Path(path))
+        requantize(model, state_dict, record["quantization_map"], device=torch.device("cpu"))
+        _check_nothing_missing(model, state_dict, path)
+        model.tie_weights()
+        for name in record["float_outputs"]:
+            model.get_submodule(name).disable_output_quantization()
+        return model.eval()
+
+
+def exclude_patterns(modules: list[str]) -> list[str]:
+    """quanto matches whole module names (fnmatch): skip each module, its children, and the same name deeper down."""
+    return [pattern for name in modules for pattern in (name, f"{name}.*", f"*.{name}", f"*.{name}.*")]
+
+
+def calibrate(model: nn.Module, batches: Iterable[dict]) -> None:
+    """Record activation ranges over the batches (dicts of model inputs)."""
+    from optimum.quanto import Calibration
+
+    device = next(model.parameters()).device
+    seen = 0
+    with torch.no_grad(), Calibration():
+        for batch in batches:
+            model(**{key: value.to(device) for key, value in batch.items()})
+            seen += 1
+    if seen == 0:
+        raise HfCompressError("quanto activations: the calibration batches were empty")
+
+
+def float_outputs(model: nn.Module) -> list[str]:
+    """The quantized modules whose outputs calibration left in float.
+
+    Calibration (streamline mode) stops quantizing an output that only float operations (add, silu, ...) consume,
+    which costs less accuracy; quanto's quantization map does not record it, so `load` replays it from this list.
+    """
+    from optimum.quanto import QModuleMixin
+
+    return [
+        name for name, module in model.named_modules()
+        if isinstance(module, QModuleMixin) and "output" in module._quantize_hooks
+        and module._quantize_hooks["output"].id not in module._forward_hooks
+    ]
+
+
+def _qtype(name: str | None):
+    if name is None:
+        return None
+    from optimum.quanto import qtypes
+
+    return qtypes[f"q{name}"]
+
+
+def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    state_dict = {}
+    for file in sorted(folder.glob("*.safetensors")):  # one file, or the shards of a large model
+        state_dict.update(load_file(str(file)))
+    return state_dict
+
+
+def _check_nothing_missing(model: nn.Module, state_dict: dict, path: Path) -> None:
+    """requantize loads non-strictly; a missing tensor would be left as uninitialised memory."""
+    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
+    missing = set(model.state_dict()) - set(state_dict) - tied
+    if missing:
+        raise HfCompressError(f"{path}: the checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")

@@ -1,0 +1,107 @@
+"""`quantize`: several variants of the current model (bitsandbytes, quanto, 16-bit), each saved and evaluated;
+one of them is carried forward to the next stage (by name, or the smallest within a quality tolerance).
+"""
+
+from __future__ import annotations
+
+import logging
+
+from pydantic import Field, field_validator
+
+from ..errors import HfCompressError
+from ..quantization import VariantOptions, quantize, save_quantized, variant_name
+from ..sources import resolve_model_reference
+from . import register_stage
+from .base import Stage, StageContext, StageOptions, StageResult
+from .evaluate import EvaluateOptions, evaluation_row
+
+logger = logging.getLogger(__name__)
+
+
+class QuantizeOptions(StageOptions):
+    variants: list[VariantOptions] = Field(min_length=1)
+    carry_forward: str | None = Field(None, description="variant name; default: the smallest within `tolerance`")
+    tolerance: float = Field(0.01, ge=0, description="accuracy points lost (classification), or relative "
+                                                     "perplexity increase (causal LM), still acceptable")
+    calibration_samples: int = Field(128, ge=1, description="training samples for activation calibration")
+    evaluate: EvaluateOptions = Field(default_factory=EvaluateOptions)
+
+    @field_validator("variants")
+    @classmethod
+    def _distinct_names(cls, variants):
+        names = [variant_name(v) for v in variants]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"variant names must differ (give `name:`), repeated: {', '.join(repeated)}")
+        return variants
+
+
+@register_stage
+class QuantizeStage(Stage):
+    name = "quantize"
+    options_model = QuantizeOptions
+    produces_model = True
+    main_process_only = True
+
+    def run(self, ctx: StageContext) -> StageResult:
+        options = self.options
+        source = resolve_model_reference(ctx.model.name_or_path)
+        reference_quality = self._input_quality(ctx)
+        calibration = ctx.calibration_batches(options.calibration_samples, options.evaluate.per_device_eval_batch_size)
+        rows, failed = [], {}
+        for variant in options.variants:
+            name = variant_name(variant)
+            try:
+                model = quantize(source, ctx.task.model_class, variant, calibration)
+            except HfCompressError as error:
+                logger.warning("%s: variant %s failed: %s", ctx.stage_id, name, error)
+                failed[name] = str(error)
+                continue
+            folder = ctx.out_dir / name
+            save_quantized(model, folder, variant)
+            ctx.tokenizer.save_pretrained(folder)
+            rows.append(evaluation_row(ctx, model, folder, options.evaluate, f"{ctx.stage_id}/{name}"))
+            logger.info("%s: %s %s", ctx.stage_id, name, _quality(ctx, rows[-1]))
+        if not rows:
+            raise HfCompressError(f"stages.{ctx.stage_id}: every quantization variant failed: {failed}")
+        chosen = self._choose(ctx, rows, reference_quality)
+        return StageResult(
+            metrics={"input_" + ctx.task.selection_metric: reference_quality, "carried_forward": chosen,
+                     "failed_variants": failed},
+            rows=rows,
+            model_subdir=chosen,
+        )
+
+    def _input_quality(self, ctx: StageContext) -> float:
+        """The input model's task metric on the same split the variants are scored on."""
+        loader = ctx.data.dataloader(self.options.evaluate.split, self.options.evaluate.per_device_eval_batch_size)
+        return ctx.task.evaluate(ctx.load_model(), loader)[ctx.task.selection_metric]
+
+    def _choose(self, ctx: StageContext, rows: list[dict], reference: float) -> str:
+        names = [row["label"].split("/", 1)[1] for row in rows]
+        if self.options.carry_forward is not None:
+            if self.options.carry_forward not in names:
+                raise HfCompressError(
+                    f"stages.{ctx.stage_id}.carry_forward: no successful variant named {self.options.carry_forward!r}"
+                    f" (have: {', '.join(names)})")
+            return self.options.carry_forward
+        acceptable = [(row["metrics"]["size_on_disk_bytes"], name) for row, name in zip(rows, names)
+                      if _within_tolerance(ctx, row["metrics"][ctx.task.selection_metric], reference, self.options.tolerance)]
+        if not acceptable:
+            best = max if ctx.task.greater_is_better else min
+            fallback = best(zip(rows, names), key=lambda pair: pair[0]["metrics"][ctx.task.selection_metric])[1]
+            logger.warning("%s: no variant within tolerance %.3f; carrying forward the best one, %s",
+                           ctx.stage_id, self.options.tolerance, fallback)
+            return fallback
+        return min(acceptable)[1]
+
+
+def _within_tolerance(ctx: StageContext, value: float, reference: float, tolerance: float) -> bool:
+    if ctx.task.greater_is_better:
+        return value >= reference - tolerance
+    return value <= reference * (1 + tolerance)
+
+
+def _quality(ctx: StageContext, row: dict) -> str:
+    metric = ctx.task.selection_metric
+    return f"{metric} {row['metrics'][metric]:.4f}, {row['metrics']['size_on_disk_bytes'] / 1e6:.1f} MB"
