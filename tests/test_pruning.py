@@ -560,6 +560,8 @@ def test_grouped_selection_moves_whole_groups_or_one_head_per_group():
     assert select_heads(torch.tensor([[0.1, 0.2, 0.9, 0.9]]), count=3, group_size=2) == {0: [0, 1]}
     assert select_heads(row, count=2, group_size=2, group_strategy="heads_per_group") == {0: [0, 3]}
     assert select_heads(row, count=3, group_size=2, group_strategy="heads_per_group") == {0: [0, 3]}
+    two_layers = torch.tensor([[0.1, 0.2, 0.9, 0.9], [0.5, 0.6, 0.9, 0.9]])  # layer 1 has one head per group now
+    assert select_heads(two_layers, count=3, group_size=[2, 1]) == {0: [0, 1], 1: [0]}
 
 
 def test_ffn_and_layer_selection():

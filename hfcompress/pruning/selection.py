@@ -31,21 +31,28 @@ class _Unit:
 
 def select_heads(
     scores, sparsity: float | None = None, count: int | None = None, scope: str = "global",
-    min_heads_per_layer: int = 1, group_size: int = 1, group_strategy: str = "whole_groups",
+    min_heads_per_layer: int = 1, group_size: int | Sequence[int] = 1, group_strategy: str = "whole_groups",
 ) -> dict[int, list[int]]:
     """Query heads to remove, `{layer: [head, ...]}`.
 
-    Grouped-query attention (`group_size` = query heads per key/value head) needs every group of a layer to keep
-    the same number of query heads: "whole_groups" removes entire groups (scored by the sum of their heads),
-    "heads_per_group" removes the same number of heads from every group (each group's least important first).
-    The budget counts query heads and is rounded down to what whole units allow.
+    Grouped-query attention (`group_size` = query heads per key/value head; one number, or one per layer after
+    uneven pruning) needs every group of a layer to keep the same number of query heads: "whole_groups" removes
+    entire groups (scored by the sum of their heads), "heads_per_group" removes the same number of heads from
+    every group (each group's least important first). The budget counts query heads and is rounded down to what
+    whole units allow.
     """
     if min_heads_per_layer < 1:
         raise HfCompressError("min_heads_per_layer must be at least 1: to remove every head of a layer, drop the layer")
     if group_strategy not in GROUP_STRATEGIES:
         raise HfCompressError(f"unknown group_strategy {group_strategy!r} (use one of {', '.join(GROUP_STRATEGIES)})")
     rows = _rows(scores)
-    units = [_head_units(layer, row, group_size, group_strategy) for layer, row in enumerate(rows)]
+    group_sizes = [group_size] * len(rows) if isinstance(group_size, int) else list(group_size)
+    if len(group_sizes) != len(rows):
+        raise HfCompressError(f"group_size gives {len(group_sizes)} layers, the scores {len(rows)}")
+    units = [
+        _head_units(layer, row, size, group_strategy)
+        for layer, (row, size) in enumerate(zip(rows, group_sizes, strict=True))
+    ]
     return _select(units, [len(row) for row in rows], sparsity, count, scope, min_heads_per_layer)
 
 

@@ -15,11 +15,12 @@ from ..errors import HfCompressError
 
 
 def out_features(module: nn.Module) -> int:
-    return _check(module).weight.shape[_output_dim(module)]
+    # Read from the attributes rather than the weight, so shapes can be read from quantized Linear subclasses too.
+    return module.nf if isinstance(module, Conv1D) else module.out_features
 
 
 def in_features(module: nn.Module) -> int:
-    return _check(module).weight.shape[1 - _output_dim(module)]
+    return module.nx if isinstance(module, Conv1D) else module.in_features
 
 
 def weight_as_out_by_in(module: nn.Module) -> torch.Tensor:

@@ -114,7 +114,7 @@ class PruneStage(Stage):
     def _prune_heads(self, model, batches, chooser) -> dict[int, list[int]]:
         budget = self.options.heads
         shapes = layer_shapes(model)
-        group_size = shapes[0].heads // shapes[0].kv_heads
+        group_size = [shape.heads // shape.kv_heads for shape in shapes]
         scores = chooser.per_layer([shape.heads for shape in shapes]) if chooser else head_importance(model, batches)
         heads = select_heads(scores, budget.sparsity, budget.count, budget.scope, budget.min_per_layer,
                              group_size=group_size, group_strategy=budget.group_strategy)
