@@ -29,10 +29,20 @@ def count_parameters(model: torch.nn.Module) -> int:
 
 
 def memory_footprint(model: torch.nn.Module) -> int:
-    if hasattr(model, "get_memory_footprint"):
-        return int(model.get_memory_footprint())
-    tensors = list(model.parameters()) + list(model.buffers())
-    return sum(tensor.nelement() * tensor.element_size() for tensor in tensors)
+    """Bytes of parameters and buffers in memory, quantized storage counted at its real width.
+
+    Like transformers' `get_memory_footprint`, except for tensor subclasses that keep their data in inner tensors
+    (quanto's int weights), which that counts as if they were float.
+    """
+    tensors = {id(tensor): tensor for tensor in [*model.parameters(), *model.buffers()]}  # tied weights once
+    return sum(_tensor_bytes(tensor) for tensor in tensors.values())
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> int:
+    if hasattr(tensor, "__tensor_flatten__"):
+        inner_names, _ = tensor.__tensor_flatten__()
+        return sum(_tensor_bytes(getattr(tensor, name)) for name in inner_names)
+    return tensor.nelement() * tensor.element_size()
 
 
 def synthetic_batch(vocab_size: int, batch_size: int, length: int, device, seed: int = 0) -> dict[str, torch.Tensor]:

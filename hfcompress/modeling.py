@@ -7,11 +7,10 @@ from pathlib import Path
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from .errors import HfCompressError
+from .pruning.structure import STRUCTURE_FILE as PRUNING_RECORD
+from .quantization.base import RECORD_FILE as QUANTIZATION_RECORD
 from .recipe import ModelReference
 from .sources import resolve_model_reference
-
-PRUNING_RECORD = "pruning_structure.json"
-QUANTIZATION_RECORD = "quantization.json"
 
 
 def from_pretrained(path: str | Path, model_class=None, **kwargs):

@@ -97,7 +97,7 @@ def calibration_batches():
 @pytest.mark.parametrize(("options", "message"), [
     ({"backend": "bitsandbytes", "bits": 3}, "bits: Input should be 8 or 4"),
     ({"backend": "bitsandbytes", "bits": 4, "quant_type": "int4"}, "quant_type: Input should be 'nf4' or 'fp4'"),
-    ({"backend": "bitsandbytes", "bits": 8, "quant_type": "nf4"}, "quant_type only applies to bits: 4"),
+    ({"backend": "bitsandbytes", "bits": 8, "quant_type": "nf4"}, ": Value error, quant_type only applies to bits: 4"),
     ({"backend": "bitsandbytes", "bits": 4, "llm_int8_threshold": 5.0}, "llm_int8_threshold only applies to bits: 8"),
     ({"backend": "bitsandbytes", "bits": 8, "threshold": 5.0}, "threshold: Extra inputs are not permitted"),
     ({"backend": "gptq", "bits": 4}, "backend: backend must be one of: bitsandbytes, quanto, half"),
@@ -234,6 +234,21 @@ def test_tied_embeddings_are_not_quantized_halfway(tmp_path):
         quantize(tmp_path, model_class, variant)
 
 
+@pytest.mark.parametrize("options", [
+    {"backend": "bitsandbytes", "bits": 4}, {"backend": "quanto", "weights": "int8"}, {"backend": "half"},
+])
+def test_tied_embeddings_survive_the_round_trip(tmp_path, options):
+    model, model_class, _ = build_llama(tie_word_embeddings=True)  # like SmolLM2: lm_head shares the embedding
+    model.save_pretrained(tmp_path / "fp32")
+    variant = parse_variant(options)
+    quantized = quantize(tmp_path / "fp32", model_class, variant)
+    save_quantized(quantized, tmp_path / "quantized", variant)
+    reloaded = load_quantized(tmp_path / "quantized", model_class)
+
+    assert reloaded.get_output_embeddings().weight is reloaded.get_input_embeddings().weight
+    torch.testing.assert_close(logits(reloaded), logits(quantized), rtol=0, atol=1e-6)
+
+
 def test_quanto_calibrates_on_at_most_the_configured_batches(checkpoint):
     taken = itertools.count()
 
@@ -279,11 +294,11 @@ def test_hfcompress_from_pretrained_dispatches_on_the_record(checkpoint, tmp_pat
     assert read_json(tmp_path / RECORD_FILE)["weights"] == "int8"
 
 
-@pytest.mark.parametrize(("options", "package"), [
-    ({"backend": "bitsandbytes", "bits": 8}, "bitsandbytes"),
-    ({"backend": "quanto", "weights": "int8"}, "optimum.quanto"),
+@pytest.mark.parametrize(("options", "package", "pip_name"), [
+    ({"backend": "bitsandbytes", "bits": 8}, "bitsandbytes", "bitsandbytes"),
+    ({"backend": "quanto", "weights": "int8"}, "optimum.quanto", "optimum-quanto"),
 ])
-def test_missing_backend_package_is_a_clear_error(checkpoint, monkeypatch, options, package):
+def test_missing_backend_package_is_a_clear_error(checkpoint, monkeypatch, options, package, pip_name):
     monkeypatch.setitem(sys.modules, package, None)  # makes `import package` fail
-    with pytest.raises(HfCompressError, match=f"needs the '{package}' package.*pip install {package}"):
+    with pytest.raises(HfCompressError, match=f"needs the '{package}' package.*; pip install {pip_name}$"):
         quantize(checkpoint.folder, checkpoint.model_class, parse_variant(options))

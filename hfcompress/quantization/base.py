@@ -13,17 +13,18 @@ from transformers import AutoConfig
 
 from ..errors import HfCompressError
 from ..fileio import read_json, write_json
+from ..evaluation import memory_footprint, size_on_disk  # noqa: F401  (re-exported)
 from .options import variant_name
 
 RECORD_FILE = "quantization.json"
-WEIGHT_FILE_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
 
 
 class QuantizationBackend(ABC):
     """One way of quantizing a transformers checkpoint (one module per backend, like transformers' `quantizers/`)."""
 
     name: str
-    package: str | None = None  # the package it needs; a missing one is a user-facing error, not an ImportError
+    package: str | None = None  # the module it imports; a missing one is a user-facing error, not an ImportError
+    pip_name: str | None = None  # what to `pip install` for it
     quantized_types: tuple[str, ...] = ()  # class names of the modules it puts in place of float ones
 
     @abstractmethod
@@ -45,7 +46,7 @@ class QuantizationBackend(ABC):
             importlib.import_module(self.package)
         except ImportError as error:
             raise HfCompressError(f"quantization backend {self.name!r} needs the {self.package!r} package, which "
-                                  f"cannot be imported here ({error}); pip install {self.package}") from None
+                                  f"cannot be imported here ({error}); pip install {self.pip_name}") from None
 
 
 def write_record(out_dir: Path, variant, **extra) -> None:
@@ -79,26 +80,3 @@ def modules_of_types(model: nn.Module, types: Iterable[str]) -> dict[str, str]:
     """Module name -> class name, for the modules whose class is one of `types`."""
     types = set(types)
     return {name: type(module).__name__ for name, module in model.named_modules() if type(module).__name__ in types}
-
-
-def size_on_disk(path: str | Path) -> int:
-    """Bytes of the weight files in a checkpoint folder (config, tokenizer and records not counted)."""
-    files = [file for file in Path(path).rglob("*") if file.is_file() and file.suffix in WEIGHT_FILE_SUFFIXES]
-    return sum(file.stat().st_size for file in files)
-
-
-def memory_footprint(model: nn.Module) -> int:
-    """Bytes of parameters and buffers in memory, quantized storage counted at its real width.
-
-    Like transformers' `get_memory_footprint`, except for tensor subclasses that keep their data in inner tensors
-    (quanto's int weights), which that counts as if they were float.
-    """
-    tensors = {id(tensor): tensor for tensor in [*model.parameters(), *model.buffers()]}  # tied weights once
-    return sum(_tensor_bytes(tensor) for tensor in tensors.values())
-
-
-def _tensor_bytes(tensor: torch.Tensor) -> int:
-    if hasattr(tensor, "__tensor_flatten__"):
-        inner_names, _ = tensor.__tensor_flatten__()
-        return sum(_tensor_bytes(getattr(tensor, name)) for name in inner_names)
-    return tensor.nelement() * tensor.element_size()

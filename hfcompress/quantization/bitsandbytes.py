@@ -20,7 +20,7 @@ from .options import BitsAndBytesOptions
 
 class BitsAndBytesBackend(QuantizationBackend):
     name = "bitsandbytes"
-    package = "bitsandbytes"
+    package = pip_name = "bitsandbytes"
     quantized_types = ("Linear8bitLt", "Linear4bit", "Embedding8bit", "Embedding4bit")
 
     def quantize(self, model_dir: Path, model_class, variant: BitsAndBytesOptions,

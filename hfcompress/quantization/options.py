@@ -93,13 +93,20 @@ VariantOptions = Annotated[
 _VARIANT_ADAPTER = TypeAdapter(VariantOptions)
 
 
-def parse_variant(data: dict | BaseModel) -> BitsAndBytesOptions | QuantoOptions | HalfOptions:
-    """Validate one variant given as a dict; a problem becomes one HfCompressError line per bad key."""
+def parse_variant(data: dict) -> BitsAndBytesOptions | QuantoOptions | HalfOptions:
+    """Validate one variant given as a dict; its problems become one HfCompressError line."""
     try:
         return _VARIANT_ADAPTER.validate_python(data)
     except ValidationError as error:
-        problems = [f"{'.'.join(str(part) for part in e['loc'][1:]) or 'backend'}: {e['msg']}" for e in error.errors()]
-        raise HfCompressError(f"quantization variant {data!r}: {'; '.join(problems)}") from None
+        problems = "; ".join(_describe(problem) for problem in error.errors())
+        raise HfCompressError(f"quantization variant {data!r}: {problems}") from None
+
+
+def _describe(problem: dict) -> str:
+    key = ".".join(str(part) for part in problem["loc"][1:])  # loc[0] is the backend tag
+    if problem["type"] == "unknown_backend":
+        key = "backend"
+    return f"{key}: {problem['msg']}" if key else problem["msg"]
 
 
 def variant_name(variant) -> str:

@@ -25,6 +25,7 @@ from .options import QuantoOptions
 class QuantoBackend(QuantizationBackend):
     name = "quanto"
     package = "optimum.quanto"
+    pip_name = "optimum-quanto"
     quantized_types = ("QLinear", "QConv2d", "QLayerNorm")
 
     def quantize(self, model_dir: Path, model_class, variant: QuantoOptions,
