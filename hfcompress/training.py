@@ -85,11 +85,12 @@ def train(
         "train", options.per_device_train_batch_size, shuffle=True, seed=seed, group_by_length=options.group_by_length
     )
     eval_loader = ctx.data.dataloader("validation", options.per_device_eval_batch_size)
-    trainable = [model, *extra_modules]
-    optimizer = torch.optim.AdamW(_parameter_groups(trainable, options.weight_decay), lr=options.learning_rate)
-    prepared = accelerator.prepare(*trainable, optimizer, train_loader, eval_loader)
-    model, *extra_modules = prepared[: len(trainable)]
-    optimizer, train_loader, eval_loader = prepared[len(trainable) :]
+    optimizer = torch.optim.AdamW(_parameter_groups([model, *extra_modules], options.weight_decay), lr=options.learning_rate)
+    # The extra modules are called inside compute_loss, not through a DDP wrapper: they stay unwrapped, on the
+    # device, and their gradients are averaged across processes by hand (see _Loop.run).
+    for module in extra_modules:
+        module.to(accelerator.device)
+    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
 
     steps_per_epoch = max(1, math.ceil(len(train_loader) / options.gradient_accumulation_steps))
     total_steps = options.max_steps or math.ceil(options.num_train_epochs * steps_per_epoch)
@@ -149,6 +150,8 @@ class _Loop:
                 with accelerator.accumulate(self.model):
                     loss, parts = self.compute_loss(self.model, batch)
                     accelerator.backward(loss)
+                    if accelerator.sync_gradients:
+                        self._average_extra_gradients()
                     if accelerator.sync_gradients and options.max_grad_norm:
                         accelerator.clip_grad_norm_(parameters, options.max_grad_norm)
                     self.optimizer.step()
@@ -183,6 +186,14 @@ class _Loop:
             self._evaluate(state)
         logger.info("%s trained %d steps in %.1f s", self.ctx.stage_id, state.global_step, time.perf_counter() - started)
         return state
+
+    def _average_extra_gradients(self) -> None:
+        if self.accelerator.num_processes == 1:
+            return
+        for module in self.extra_modules:
+            for parameter in module.parameters():
+                if parameter.grad is not None:
+                    parameter.grad = self.accelerator.reduce(parameter.grad, reduction="mean")
 
     def _evaluate(self, state: TrainingState) -> None:
         metrics = self.task.evaluate(self.model, self.eval_loader, self.accelerator.gather_for_metrics)

@@ -7,6 +7,7 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ["HFCOMPRESS_CACHE"] = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"hfcompress-test-cache-{os.getpid()}")
 
 from pathlib import Path  # noqa: E402
 

@@ -21,6 +21,10 @@ def test_two_process_finetune_only_rank0_writes(tmp_path, tiny_bert_dir, reviews
     run_dir, audit_dir = tmp_path / "run", tmp_path / "audit"
     audit_dir.mkdir()
     recipe = classification_recipe(tiny_bert_dir, reviews_csv, run_dir)
+    narrow_student = {"num_hidden_layers": 1, "hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32}
+    recipe["stages"].insert(1, {"distill": {  # a narrower student: the hidden-state projection trains across processes
+        "max_steps": 2, "eval_strategy": "no", "cache_teacher_outputs": False,
+        "student": {"config_overrides": narrow_student}, "loss": {"weights": {"kl": 1.0, "hidden_mse": 1.0}}}})
     recipe_path = write_recipe(tmp_path / "recipe.yaml", recipe)
     env = {**os.environ, "RUN_DIR": str(run_dir), "AUDIT_DIR": str(audit_dir), "OMP_NUM_THREADS": "1"}
     result = subprocess.run(
@@ -38,6 +42,7 @@ def test_two_process_finetune_only_rank0_writes(tmp_path, tiny_bert_dir, reviews
     results = json.loads((run_dir / "results.json").read_text())
     assert results["environment"]["num_processes"] == 2
     assert (run_dir / "01-finetune" / "model.safetensors").is_file()
+    assert results["stages"][1]["metrics"]["student_layers"] == 1
     [row] = results["rows"]
     assert row["metrics"]["num_examples"] == results["task"]["test_split_size"]
     assert result.stdout.count("evaluated model(s)") == 1, "only the main process prints the table"

@@ -1,0 +1,167 @@
+"""Distillation benchmark on the Rotten Tomatoes test split: does hfcompress's distillation earn its keep?
+
+Three arms, same student initialisation (every other / a subset of the teacher's blocks), same steps, batch size,
+learning rate and schedule, over several seeds:
+  (a) labels only        - hfcompress `distill` with loss weights {ce: 1} (the teacher plays no part)
+  (b) plain KD, by hand  - a hand-written loop: 0.5*CE + 0.5*T^2*KL(T=2), teacher run live every step
+  (c) hfcompress default - the `distill` stage with its default options (teacher logits cached)
+for a 3-layer student and a harder 2-layer one. Prints accuracy mean +- std per arm, the share of the teacher's
+accuracy kept, batch-1 latency vs the teacher, and the time of a cached distillation run vs a labels-only run.
+
+    python benchmarks/distill_arms.py --teacher runs/quickstart/01-finetune [--seeds 0 1 2] [--max-steps 200]
+
+The teacher is a fine-tuned checkpoint (the quickstart's first stage). Results also go to
+benchmarks/results/distill_arms.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+import yaml
+from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
+
+import hfcompress
+from hfcompress.data import batch_to_model_inputs, load_task_data
+from hfcompress.distillation import student_from_layers
+from hfcompress.evaluation import measure_speed
+from hfcompress.modeling import load_tokenizer
+from hfcompress.recipe import parse_recipe
+from hfcompress.tasks import make_task
+
+ROOT = Path(__file__).resolve().parent.parent
+STUDENTS = {"3L": {"num_layers": 3, "strategy": "every_other"}, "2L": {"num_layers": 2, "strategy": "uniform"}}
+
+
+def base_recipe(teacher: Path, run_dir: Path, seed: int, stages: list) -> dict:
+    quickstart = yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text())
+    return {"name": "distill-bench", "seed": seed, "teacher": str(teacher), "task": quickstart["task"],
+            "output_dir": str(run_dir), "stages": stages}
+
+
+def training_options(args, seed: int) -> dict:
+    return {"max_steps": args.max_steps, "learning_rate": args.learning_rate, "per_device_train_batch_size": 32,
+            "warmup_ratio": 0.06, "eval_strategy": "no", "seed": seed}
+
+
+def hfcompress_arm(args, teacher: Path, work: Path, student: str, seed: int, loss: dict | None) -> dict:
+    options = {**training_options(args, seed), "student": STUDENTS[student]}
+    if loss is not None:
+        options["loss"] = loss
+    evaluate = {"evaluate": {"timing_iterations": 30}}
+    recipe = parse_recipe(base_recipe(teacher, work / f"{student}-{seed}-{'labels' if loss else 'default'}", seed,
+                                      [{"distill": options}, evaluate]))
+    results = hfcompress.run(recipe)
+    row = results["rows"][-1]["metrics"]
+    return {"accuracy": row["accuracy"], "latency_ms_p50": row["latency_ms_p50"],
+            "train_seconds": results["stages"][0]["seconds"]}
+
+
+def plain_kd_arm(args, teacher_dir: Path, student: str, seed: int, data, task) -> dict:
+    """Logit KD written out by hand: no hfcompress losses, caching or training loop."""
+    torch.manual_seed(seed)
+    teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir).eval()
+    model, _ = student_from_layers(copy.deepcopy(teacher), **STUDENTS[student])
+    model.train()
+    loader = data.dataloader("train", 32, shuffle=True, seed=seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args.learning_rate, weight_decay=0.01)
+    schedule = get_linear_schedule_with_warmup(optimizer, int(0.06 * args.max_steps), args.max_steps)
+    temperature, step, epoch = 2.0, 0, 0
+    started = time.perf_counter()
+    while step < args.max_steps:
+        loader.batch_sampler.set_epoch(epoch)
+        for batch in loader:
+            inputs = batch_to_model_inputs(batch)
+            labels = inputs.pop("labels")
+            logits = model(**inputs).logits
+            with torch.no_grad():
+                teacher_logits = teacher(**inputs).logits
+            kl = F.kl_div(F.log_softmax(logits / temperature, -1), F.softmax(teacher_logits / temperature, -1),
+                          reduction="batchmean")
+            loss = 0.5 * F.cross_entropy(logits, labels) + 0.5 * temperature**2 * kl
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            optimizer.zero_grad()
+            step += 1
+            if step >= args.max_steps:
+                break
+        epoch += 1
+    seconds = time.perf_counter() - started
+    metrics = task.evaluate(model, data.dataloader("test", 64))
+    speed = measure_speed(model.eval(), model.config.vocab_size, data.task.max_length, task, iterations=30)
+    return {"accuracy": metrics["accuracy"], "latency_ms_p50": speed["latency_ms_p50"], "train_seconds": seconds}
+
+
+def teacher_row(teacher: Path, data, task) -> dict:
+    model = AutoModelForSequenceClassification.from_pretrained(teacher).eval()
+    accuracy = task.evaluate(model, data.dataloader("test", 64))["accuracy"]
+    speed = measure_speed(model, model.config.vocab_size, data.task.max_length, task, iterations=30)
+    return {"accuracy": accuracy, "latency_ms_p50": speed["latency_ms_p50"]}
+
+
+def summarise(values: list[float]) -> str:
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{100 * statistics.mean(values):.2f} +- {100 * spread:.2f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--teacher", type=Path, default=ROOT / "runs" / "quickstart" / "01-finetune")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--students", nargs="+", default=list(STUDENTS), choices=list(STUDENTS))
+    parser.add_argument("--max-steps", type=int, default=200)
+    parser.add_argument("--learning-rate", type=float, default=1e-4)
+    parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "distill-bench")
+    args = parser.parse_args()
+
+    recipe = parse_recipe(base_recipe(args.teacher, args.work_dir, args.seeds[0], [{"evaluate": {}}]))
+    data = load_task_data(recipe.task, load_tokenizer(str(args.teacher)), recipe.seed)
+    task = make_task(recipe.task)
+    teacher = teacher_row(args.teacher, data, task)
+    results = {"teacher": teacher, "settings": vars(args) | {"teacher": str(args.teacher), "work_dir": str(args.work_dir)},
+               "arms": {}}
+    arms = {
+        "(a) labels only": lambda student, seed: hfcompress_arm(args, args.teacher, args.work_dir, student, seed,
+                                                                {"weights": {"ce": 1.0}}),
+        "(b) plain KD by hand": lambda student, seed: plain_kd_arm(args, args.teacher, student, seed, data, task),
+        "(c) hfcompress default": lambda student, seed: hfcompress_arm(args, args.teacher, args.work_dir, student,
+                                                                       seed, None),
+    }
+    for student in args.students:
+        for arm, run_arm in arms.items():
+            runs = [run_arm(student, seed) for seed in args.seeds]
+            results["arms"][f"{student} {arm}"] = runs
+
+    lines = [f"teacher (6 layers): test accuracy {100 * teacher['accuracy']:.2f}, batch-1 p50 "
+             f"{teacher['latency_ms_p50']:.1f} ms; test split {len(data['test'])} reviews; "
+             f"{args.max_steps} steps x 32, lr {args.learning_rate}, seeds {args.seeds}",
+             f"{'student / arm':36s} {'accuracy % (mean +- std)':26s} {'kept of teacher':16s} {'faster x':9s} train s"]
+    for name, runs in results["arms"].items():
+        accuracy = [run["accuracy"] for run in runs]
+        kept = 100 * statistics.mean(accuracy) / teacher["accuracy"]
+        faster = teacher["latency_ms_p50"] / statistics.median(run["latency_ms_p50"] for run in runs)
+        seconds = statistics.mean(run["train_seconds"] for run in runs)
+        lines.append(f"{name:36s} {summarise(accuracy):26s} {kept:6.1f}%          {faster:5.2f}     {seconds:6.1f}")
+    for student in args.students:
+        labels = statistics.mean(r["train_seconds"] for r in results["arms"][f"{student} (a) labels only"])
+        cached = statistics.mean(r["train_seconds"] for r in results["arms"][f"{student} (c) hfcompress default"])
+        lines.append(f"{student}: cached distillation stage / labels-only stage wall time = {cached / labels:.2f} "
+                     "(stage seconds; the first seed of (c) may include building the cache only if it was missing)")
+    report = "\n".join(lines)
+    print(report)
+    out = ROOT / "benchmarks" / "results"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "distill_arms.json").write_text(json.dumps(results | {"report": report}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

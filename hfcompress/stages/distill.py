@@ -1,0 +1,152 @@
+"""`distill`: train a smaller student to match a teacher (logit KD, hard labels, hidden states, attentions).
+
+By default the current model is the teacher and the student keeps a subset of its layers (the DistilBERT recipe).
+With `teacher:` naming an earlier model and no student recipe, the current model is the student: that is how a
+pruned model is healed from the unpruned one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from ..distillation import (
+    DistillationLoss,
+    DistillationLossOptions,
+    cached_teacher_logits,
+    check_same_vocabulary,
+    distillation_compute_loss,
+    student_from_config,
+    student_from_layers,
+    teacher_fingerprint,
+    uniform_layer_map,
+)
+from ..modeling import load_tokenizer
+from ..recipe import ModelReference, StrictModel
+from ..sources import resolve_model_reference
+from ..training import TrainingOptions, train
+from . import register_stage
+from .base import Stage, StageContext, StageResult
+from .finetune import training_metrics
+
+logger = logging.getLogger(__name__)
+
+
+def teacher_cache_dir() -> Path:
+    """Where teacher outputs are cached, keyed by a digest of the teacher's weights and the data: shared by runs."""
+    return Path(os.environ.get("HFCOMPRESS_CACHE", Path.home() / ".cache" / "hfcompress")) / "teacher_outputs"
+
+
+class StudentOptions(StrictModel):
+    """How the student is made. Give one of: `layers`/`num_layers` (a subset of the teacher's blocks),
+    `config_overrides` (a smaller config, random or `init_from` a checkpoint), or `pretrained` (a separate model).
+    None of them: the current model is the student."""
+
+    layers: list[int] | None = None
+    num_layers: int | None = Field(None, ge=1)
+    strategy: Literal["uniform", "every_other", "first", "last"] = "uniform"
+    config_overrides: dict[str, Any] | None = None
+    init_from: str | None = None
+    pretrained: str | None = None
+
+    @model_validator(mode="after")
+    def _one_recipe(self):
+        given = [name for name, on in (("layers/num_layers", self.layers is not None or self.num_layers is not None),
+                                       ("config_overrides", self.config_overrides is not None),
+                                       ("pretrained", self.pretrained is not None)) if on]
+        if len(given) > 1:
+            raise ValueError(f"give one way to make the student, not {' and '.join(given)}")
+        if self.layers is not None and self.num_layers is not None:
+            raise ValueError("give `layers` or `num_layers`, not both")
+        if self.init_from is not None and self.config_overrides is None:
+            raise ValueError("`init_from` goes with `config_overrides`")
+        return self
+
+    @property
+    def is_current_model(self) -> bool:
+        return self.layers is None and self.num_layers is None and self.config_overrides is None and self.pretrained is None
+
+
+class DistillOptions(TrainingOptions):
+    teacher: str | None = Field(None, description='None: the current model; "teacher", "previous" or a stage id')
+    student: StudentOptions = Field(default_factory=StudentOptions)
+    loss: DistillationLossOptions = Field(default_factory=DistillationLossOptions)
+    cache_teacher_outputs: bool = Field(True, description="run the teacher once over the training set, not every step")
+    cache_top_k: int | None = Field(64, ge=1, description="causal LM: keep the teacher's top-k logits per token")
+
+    @model_validator(mode="after")
+    def _teacher_differs_from_student(self):
+        if self.student.is_current_model and self.teacher is None:
+            raise ValueError("with no student recipe the current model is the student: name an earlier `teacher`")
+        return self
+
+
+@register_stage
+class DistillStage(Stage):
+    name = "distill"
+    options_model = DistillOptions
+    produces_model = True
+
+    def run(self, ctx: StageContext) -> StageResult:
+        options = self.options
+        teacher_reference = self._teacher_reference(ctx)
+        teacher = ctx.load_model(teacher_reference)
+        student, layer_map = self._student(ctx, teacher)
+        loss = DistillationLoss.from_configs(options.loss, student.config, teacher.config, layer_map)
+        loss.prepare_models(student, teacher)
+        teacher.requires_grad_(False).eval().to(ctx.accelerator.device)  # never wrapped for gradients
+
+        if options.cache_teacher_outputs and not (loss.needs_hidden_states or loss.needs_attentions):
+            compute_loss = distillation_compute_loss(loss, teacher_cache=self._teacher_cache(ctx, teacher))
+            del teacher
+        else:
+            compute_loss = distillation_compute_loss(loss, teacher=teacher)
+        trainable_extras = [loss] if any(True for _ in loss.parameters()) else []
+        student, state = train(ctx, student, options, compute_loss, extra_modules=trainable_extras)
+        ctx.save_model(student)
+        metrics = training_metrics(ctx, state)
+        metrics.update(teacher=self.options.teacher or ctx.model_label, layer_map=layer_map,
+                       student_layers=student.config.num_hidden_layers,
+                       student_parameters=sum(p.numel() for p in student.parameters()))
+        return StageResult(metrics=metrics)
+
+    def _teacher_reference(self, ctx: StageContext) -> ModelReference:
+        name = self.options.teacher
+        if name == "previous":
+            earlier = [ref for ref in ctx.models.values() if ref != ctx.model]
+            return earlier[-1] if earlier else ctx.model
+        return ctx.model_reference(name, f"stages.{ctx.stage_id}.distill.teacher")
+
+    def _student(self, ctx: StageContext, teacher):
+        spec = self.options.student
+        if spec.layers is not None or spec.num_layers is not None:
+            return student_from_layers(teacher, spec.layers, spec.num_layers, spec.strategy)
+        if spec.config_overrides is not None:
+            init_from = resolve_model_reference(spec.init_from, f"stages.{ctx.stage_id}.distill.student.init_from") \
+                if spec.init_from else None
+            if init_from:
+                check_same_vocabulary(ctx.tokenizer, load_tokenizer(init_from, f"stages.{ctx.stage_id}.distill.student"))
+            return student_from_config(teacher.config, spec.config_overrides, ctx.task.model_class, init_from)
+        reference = ModelReference(name_or_path=spec.pretrained) if spec.pretrained else ctx.model
+        student = ctx.load_model(reference)
+        student_tokenizer = load_tokenizer(reference, f"stages.{ctx.stage_id}.distill.student")
+        check_same_vocabulary(ctx.tokenizer, student_tokenizer, teacher.config, student.config)
+        # Evenly spaced: a pruned student's blocks keep their order but not their original indices.
+        return student, uniform_layer_map(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
+
+    def _teacher_cache(self, ctx: StageContext, teacher):
+        """Teacher logits over the training set, computed once (main process first) and reused by later runs."""
+        top_k = self.options.cache_top_k if ctx.task.type == "causal-lm" else None
+        train_split = ctx.data["train"]
+        fingerprint = teacher_fingerprint(teacher, train_split._fingerprint, ctx.recipe.task.max_length, top_k)
+        path = teacher_cache_dir() / f"{fingerprint}.safetensors"
+        loader = ctx.data.dataloader("train", self.options.per_device_eval_batch_size)
+        with ctx.accelerator.main_process_first():
+            cache = cached_teacher_logits(path, teacher, loader, top_k, fingerprint)
+        logger.info("%s: teacher outputs cached in %s", ctx.stage_id, path)
+        return cache
+
