@@ -18,14 +18,13 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-import yaml
+from common import ROOT, quickstart_recipe, save_results
 from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
 
 import hfcompress
@@ -36,14 +35,7 @@ from hfcompress.modeling import load_tokenizer
 from hfcompress.recipe import parse_recipe
 from hfcompress.tasks import make_task
 
-ROOT = Path(__file__).resolve().parent.parent
 STUDENTS = {"3L": {"num_layers": 3, "strategy": "every_other"}, "2L": {"num_layers": 2, "strategy": "uniform"}}
-
-
-def base_recipe(teacher: Path, run_dir: Path, seed: int, stages: list) -> dict:
-    quickstart = yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text())
-    return {"name": "distill-bench", "seed": seed, "teacher": str(teacher), "task": quickstart["task"],
-            "output_dir": str(run_dir), "stages": stages}
 
 
 def training_options(args, seed: int) -> dict:
@@ -56,8 +48,8 @@ def hfcompress_arm(args, teacher: Path, work: Path, student: str, seed: int, los
     if loss is not None:
         options["loss"] = loss
     evaluate = {"evaluate": {"timing_iterations": 30}}
-    recipe = parse_recipe(base_recipe(teacher, work / f"{student}-{seed}-{'labels' if loss else 'default'}", seed,
-                                      [{"distill": options}, evaluate]))
+    run_dir = work / f"{student}-{seed}-{'labels' if loss else 'default'}"
+    recipe = parse_recipe(quickstart_recipe(teacher, run_dir, [{"distill": options}, evaluate], seed, "distill-bench"))
     results = hfcompress.run(recipe)
     row = results["rows"][-1]["metrics"]
     return {"accuracy": row["accuracy"], "latency_ms_p50": row["latency_ms_p50"],
@@ -123,7 +115,7 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "distill-bench")
     args = parser.parse_args()
 
-    recipe = parse_recipe(base_recipe(args.teacher, args.work_dir, args.seeds[0], [{"evaluate": {}}]))
+    recipe = parse_recipe(quickstart_recipe(args.teacher, args.work_dir, [{"evaluate": {}}], args.seeds[0]))
     data = load_task_data(recipe.task, load_tokenizer(str(args.teacher)), recipe.seed)
     task = make_task(recipe.task)
     teacher = teacher_row(args.teacher, data, task)
@@ -158,9 +150,7 @@ def main() -> None:
                      "(stage seconds; the first seed of (c) may include building the cache only if it was missing)")
     report = "\n".join(lines)
     print(report)
-    out = ROOT / "benchmarks" / "results"
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "distill_arms.json").write_text(json.dumps(results | {"report": report}, indent=2))
+    save_results("distill_arms", results, report)
 
 
 if __name__ == "__main__":

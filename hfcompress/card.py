@@ -360,8 +360,7 @@ def _usage(run: Run, repo_id: str | None) -> str:
     repo = repo_id or REPO_PLACEHOLDER.format(name=run.results["name"])
     auto_class = AUTO_CLASSES[run.task["type"]]
     quantization = run.quantization
-    needs_hfcompress = run.pruned or (quantization is not None and quantization.backend == "quanto")
-    if needs_hfcompress:
+    if _needs_hfcompress(run, quantization):
         code = [
             "import hfcompress  # pip install hfcompress",
             "from huggingface_hub import snapshot_download",
@@ -381,6 +380,21 @@ def _usage(run: Run, repo_id: str | None) -> str:
         ]
     code += ["", *_inference_example(run.task["type"])]
     return "\n".join(["## How to use", "", "```python", *code, "```", *_usage_notes(run, quantization)])
+
+
+def _needs_hfcompress(run: Run, quantization: Quantization | None) -> bool:
+    """Whether plain `from_pretrained` cannot rebuild the checkpoint: pruned blocks of different shapes (the
+    structure record), optimum-quanto tensors, or bitsandbytes word embeddings (saved in a file of their own)."""
+    if run.pruned:
+        return True
+    if quantization is None:
+        return False
+    return quantization.backend == "quanto" or _bnb_embeddings(quantization)
+
+
+def _bnb_embeddings(quantization: Quantization | None) -> bool:
+    return (quantization is not None and quantization.backend == "bitsandbytes"
+            and quantization.details.get("quantize_embeddings") is True)
 
 
 def _inference_example(task_type: str) -> list[str]:
@@ -406,9 +420,18 @@ def _usage_notes(run: Run, quantization: Quantization | None) -> list[str]:
         notes.append(f"The weights are optimum-quanto tensors (`{QUANTIZATION_RECORD}`); `hfcompress.from_pretrained` "
                      "restores them (needs `pip install optimum-quanto`).")
     if quantization is not None and quantization.backend == "bitsandbytes":
-        notes.append("The `BitsAndBytesConfig` is stored in `config.json` (`quantization_config`), so "
-                     "`from_pretrained` re-creates the quantized layers; it needs `pip install bitsandbytes`. "
-                     'On a GPU use `device_map="auto"` instead of `"cpu"`.')
+        if _bnb_embeddings(quantization):
+            notes.append("The word embeddings are quantized too (bitsandbytes `Embedding8bit`/`Embedding4bit`) and "
+                         "stored in a file of their own, which plain `from_pretrained` does not read: "
+                         "`hfcompress.from_pretrained` puts them back.")
+        if _needs_hfcompress(run, quantization):
+            notes.append("The `BitsAndBytesConfig` is stored in `config.json` (`quantization_config`); "
+                         "`hfcompress.from_pretrained` re-creates the quantized layers from it and needs "
+                         "`pip install bitsandbytes`.")
+        else:
+            notes.append("The `BitsAndBytesConfig` is stored in `config.json` (`quantization_config`), so "
+                         "`from_pretrained` re-creates the quantized layers; it needs `pip install bitsandbytes`. "
+                         'On a GPU use `device_map="auto"` instead of `"cpu"`.')
     if quantization is not None and quantization.backend == "half":
         notes.append(f"The weights are stored in {quantization.details.get('dtype', 'half precision')}.")
     return ["", *notes] if notes else []

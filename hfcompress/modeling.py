@@ -16,14 +16,14 @@ from .sources import resolve_model_reference
 def from_pretrained(path: str | Path, model_class=None, **kwargs):
     """Load any checkpoint hfcompress writes (pruned with per-layer shapes, quantized, or plain transformers)."""
     folder = Path(path)
+    if (folder / QUANTIZATION_RECORD).is_file():  # first: a quantized pruned model has both records
+        from .quantization import load_quantized
+
+        return load_quantized(folder, model_class or model_class_for(folder))  # rebuilds the pruned shapes too
     if (folder / PRUNING_RECORD).is_file():
         from .pruning import load_pruned
 
         return load_pruned(folder, model_class or model_class_for(folder), **kwargs)
-    if (folder / QUANTIZATION_RECORD).is_file():
-        from .quantization import load_quantized
-
-        return load_quantized(folder, model_class or model_class_for(folder))
     return (model_class or model_class_for(path)).from_pretrained(str(path), **kwargs)
 
 

@@ -13,6 +13,7 @@ from pathlib import Path  # noqa: E402
 
 import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
+import torch  # noqa: E402
 import yaml  # noqa: E402
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification  # noqa: E402
 
@@ -27,17 +28,20 @@ def tokenizer():
     return AutoTokenizer.from_pretrained(package_path(MINILM))
 
 
-@pytest.fixture(scope="session")
-def tiny_bert_dir(tmp_path_factory, tokenizer) -> Path:
-    """A 2-layer, hidden-32 BERT classifier with the real MiniLM vocabulary, saved like a Hub checkpoint."""
-    folder = tmp_path_factory.mktemp("tiny-bert")
-    config = BertConfig(
-        vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-        intermediate_size=64, max_position_embeddings=128, num_labels=2,
-    )
-    BertForSequenceClassification(config).save_pretrained(folder)
+def save_tiny_bert(folder: Path, tokenizer, seed: int = 0, **config) -> Path:
+    """A small BERT classifier with the real MiniLM vocabulary, saved like a Hub checkpoint (2 labels)."""
+    torch.manual_seed(seed)
+    settings = dict(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                    intermediate_size=64, max_position_embeddings=128, num_labels=2)
+    BertForSequenceClassification(BertConfig(**{**settings, **config})).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def tiny_bert_dir(tmp_path_factory, tokenizer) -> Path:
+    """2 layers, hidden 32."""
+    return save_tiny_bert(tmp_path_factory.mktemp("tiny-bert"), tokenizer)
 
 
 @pytest.fixture(scope="session")

@@ -133,6 +133,20 @@ def test_body_has_the_stage_table_with_ratios_the_plot_and_loading_code(bnb_run,
     assert "## Limitations" in text and "rotten, fresh" in text
 
 
+@pytest.mark.parametrize("files", [
+    {"quantization.json": {**BNB_8BIT["quantization.json"], "quantize_embeddings": True}},
+    {"pruning_structure.json": {"format_version": 1}},
+], ids=["quantized-embeddings", "pruned"])
+def test_bitsandbytes_checkpoints_that_from_pretrained_cannot_rebuild_load_through_hfcompress(tmp_path, files):
+    run = write_fake_run(tmp_path / "run", results=classification_results(), final_files={**BNB_8BIT, **files})
+    text = build_model_card(run, repo_id="alice/int8").text
+
+    assert "model = hfcompress.from_pretrained(folder)" in text
+    assert 'AutoModelForSequenceClassification.from_pretrained("alice/int8"' not in text
+    assert "`hfcompress.from_pretrained` re-creates the quantized layers" in text
+    assert ("stored in a file of their own" in text) == ("quantization.json" in files)
+
+
 def test_card_and_plot_are_written_next_to_the_model_and_in_model_cards(bnb_run, tmp_path):
     cards_dir = tmp_path / "model_cards"
     path = write_model_card(bnb_run, cards_dir)

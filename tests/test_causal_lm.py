@@ -89,3 +89,36 @@ def test_pipeline_perplexity_equals_a_direct_computation(tiny_llama_dir, tokeniz
     assert metrics["num_examples"] == 12
     assert metrics["throughput_unit"] == "tokens/s"
     assert isinstance(metrics["generation"], str) and metrics["generation_tokens_per_s"] > 0
+
+
+def test_smollm2_recipe_shape_on_a_tiny_gqa_llama(tiny_llama_dir, tmp_path):
+    """The shipped SmolLM2 recipe's stages, on a tiny Llama: layer drop, GQA head pruning, token-level
+    distillation from the unpruned teacher (cached top-k logits), NF4, card."""
+    import yaml
+
+    from hfcompress import from_pretrained
+
+    shipped = yaml.safe_load(open(__import__("pathlib").Path(__file__).parents[1] / "recipes" / "smollm2-135m.yaml"))
+    assert [next(iter(stage)) for stage in shipped["stages"]] == [
+        "evaluate", "prune", "evaluate", "distill", "evaluate", "quantize", "card"]
+    fast = {"timing_iterations": 2, "throughput_batch_size": 2}
+    recipe = lm_recipe(tiny_llama_dir, tmp_path / "run", [
+        {"evaluate": {**fast, "generation_prompt": "To be", "max_new_tokens": 4}},
+        {"prune": {"layers": {"drop": 1}, "heads": {"sparsity": 0.5}, "calibration_samples": 8,
+                   "calibration_batch_size": 4}},
+        {"distill": {"teacher": "teacher", "max_steps": 2, "per_device_train_batch_size": 4, "cache_top_k": 8,
+                     "loss": {"weights": {"kl": 1.0}}}},
+        {"evaluate": {**fast, "generation_prompt": "To be", "max_new_tokens": 4}},
+        {"quantize": {"variants": [{"backend": "bitsandbytes", "bits": 4, "quant_type": "nf4"}],
+                      "evaluate": fast}},
+        {"card": {"model_cards_dir": str(tmp_path / "cards")}},
+    ])
+    results = run(recipe)
+    pruned = results["stages"][1]["metrics"]
+    assert pruned["removed"]["layers"] and pruned["layer_shapes"] == [{"heads": 2, "kv_heads": 1, "ffn_size": 128}] * 3
+    healed = from_pretrained(tmp_path / "run" / "03-distill")
+    assert healed.config.num_hidden_layers == 3 and healed.config.num_key_value_heads == 1
+    assert results["final_model_dir"] == "05-quantize/bnb-nf4"
+    assert all(math.isfinite(row["metrics"]["perplexity"]) for row in results["rows"])
+    card = (tmp_path / "cards" / "tiny-lm" / "README.md").read_text()
+    assert "To be" in card and "perplexity" in card

@@ -13,21 +13,15 @@ from hfcompress.errors import HfCompressError
 from hfcompress.recipe import RecipeError, parse_recipe
 from hfcompress.stages.distill import teacher_cache_dir
 
-from conftest import classification_recipe
+from conftest import classification_recipe, save_tiny_bert
 
 FINETUNE = {"finetune": {"max_steps": 4, "learning_rate": 1e-3, "eval_strategy": "no"}}
 
 
 @pytest.fixture(scope="module")
 def bert4_dir(tmp_path_factory, tokenizer):
-    folder = tmp_path_factory.mktemp("bert4")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=128, num_labels=2, hidden_dropout_prob=0.0,
-                        attention_probs_dropout_prob=0.0)
-    BertForSequenceClassification(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_bert(tmp_path_factory.mktemp("bert4"), tokenizer, num_hidden_layers=4, num_attention_heads=4,
+                          hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
 
 
 def distill(**options):

@@ -6,23 +6,16 @@ import json
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification
 
 from hfcompress import from_pretrained, run
 from hfcompress.recipe import RecipeError, parse_recipe
 
-from conftest import classification_recipe
+from conftest import classification_recipe, save_tiny_bert
 
 
 @pytest.fixture(scope="module")
 def bert4_dir(tmp_path_factory, tokenizer):
-    folder = tmp_path_factory.mktemp("bert4")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=3, num_attention_heads=4,
-                        intermediate_size=64, max_position_embeddings=128, num_labels=2)
-    BertForSequenceClassification(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_bert(tmp_path_factory.mktemp("bert3"), tokenizer, num_hidden_layers=3, num_attention_heads=4)
 
 
 PRUNE = {"layers": {"drop": 1}, "heads": {"sparsity": 0.25}, "ffn": {"sparsity": 0.25}, "calibration_samples": 32}

@@ -21,6 +21,7 @@ from transformers import (
 import hfcompress
 from hfcompress.errors import HfCompressError
 from hfcompress.fileio import read_json
+from hfcompress.pruning import STRUCTURE_FILE, layer_shapes, prune_ffn, prune_heads, save_pruned
 from hfcompress.quantization import (
     RECORD_FILE,
     BitsAndBytesOptions,
@@ -292,6 +293,85 @@ def test_hfcompress_from_pretrained_dispatches_on_the_record(checkpoint, tmp_pat
     assert type(reloaded) is type(model)
     torch.testing.assert_close(logits(reloaded), logits(model), rtol=0, atol=0)
     assert read_json(tmp_path / RECORD_FILE)["weights"] == "int8"
+
+
+# ------------------------------------------------------------------------------------------------ pruned checkpoints
+
+
+class PrunedCheckpoint:
+    """A BERT pruned into blocks of different shapes, saved with save_pruned (config.json + pruning_structure.json)."""
+
+    def __init__(self, folder):
+        torch.manual_seed(0)
+        config = BertConfig(vocab_size=VOCAB, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=128, max_position_embeddings=64, num_labels=2)
+        model = BertForSequenceClassification(config).eval()
+        prune_heads(model, {0: [1]})
+        prune_ffn(model, {1: list(range(10))})
+        save_pruned(model, folder)
+        self.folder = folder
+        self.model_class = AutoModelForSequenceClassification
+        self.logits = logits(model)
+        self.shapes = layer_shapes(model)
+        self.body_linears = {name for name, module in model.named_modules()
+                             if type(module) is nn.Linear and not name.startswith("classifier")}
+
+
+@pytest.fixture(scope="module")
+def pruned_checkpoint(tmp_path_factory):
+    return PrunedCheckpoint(tmp_path_factory.mktemp("pruned-bert"))
+
+
+# (options, quantized Linear class or None, largest relative logit error: the tolerances of the tests above)
+PRUNED_VARIANTS = [
+    ({"backend": "bitsandbytes", "bits": 8}, "Linear8bitLt", 0.05),
+    ({"backend": "bitsandbytes", "bits": 4}, "Linear4bit", 0.25),
+    ({"backend": "bitsandbytes", "bits": 8, "quantize_embeddings": True}, "Linear8bitLt", 0.05),
+    ({"backend": "quanto", "weights": "int8"}, "QLinear", 0.05),
+    ({"backend": "half", "dtype": "bfloat16"}, None, 0.02),
+]
+
+
+@pytest.mark.parametrize(("options", "linear_type", "tolerance"), PRUNED_VARIANTS,
+                         ids=[variant_name(parse_variant(v[0])) for v in PRUNED_VARIANTS])
+def test_pruned_checkpoint_quantizes_keeps_its_shapes_and_reloads(pruned_checkpoint, tmp_path, options, linear_type,
+                                                                 tolerance):
+    assert pruned_checkpoint.shapes[0].heads == 3 and pruned_checkpoint.shapes[1].ffn_size == 118  # uneven blocks
+    variant = parse_variant(options)
+    model = quantize(pruned_checkpoint.folder, pruned_checkpoint.model_class, variant, calibration_batches())
+
+    assert layer_shapes(model) == pruned_checkpoint.shapes
+    expected = dict.fromkeys(pruned_checkpoint.body_linears, linear_type) if linear_type else {}
+    assert {name: kind for name, kind in quantized_modules(model).items() if name in pruned_checkpoint.body_linears} \
+        == expected
+    output = logits(model)
+    assert relative_error(output, pruned_checkpoint.logits) < tolerance
+
+    save_quantized(model, tmp_path, variant)
+    assert read_json(tmp_path / STRUCTURE_FILE) == read_json(pruned_checkpoint.folder / STRUCTURE_FILE)
+    reloaded = hfcompress.from_pretrained(tmp_path)  # quantization.json first, then the pruned shapes
+    assert type(reloaded) is type(model)
+    assert layer_shapes(reloaded) == pruned_checkpoint.shapes
+    assert quantized_modules(reloaded) == quantized_modules(model)
+    torch.testing.assert_close(logits(reloaded), output, rtol=0, atol=1e-6 if linear_type else 0)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_in_memory_bitsandbytes_matches_from_pretrained(checkpoint, bits):
+    """The path pruned checkpoints take gives the tensors and config from_pretrained gives an unpruned one."""
+    from hfcompress.quantization.bitsandbytes import bitsandbytes_config
+    from hfcompress.quantization.bnb_in_memory import quantize_model
+
+    config = bitsandbytes_config(parse_variant({"backend": "bitsandbytes", "bits": bits}), [checkpoint.head])
+    loaded = checkpoint.model_class.from_pretrained(checkpoint.folder, quantization_config=config, device_map="cpu")
+    in_memory = quantize_model(checkpoint.model_class.from_pretrained(checkpoint.folder), config, torch.device("cpu"))
+
+    assert quantized_modules(in_memory) == quantized_modules(loaded)
+    expected, actual = loaded.state_dict(), in_memory.state_dict()
+    assert actual.keys() == expected.keys()
+    for key, tensor in expected.items():
+        torch.testing.assert_close(actual[key], tensor, rtol=0, atol=0, msg=key)
+    assert in_memory.config.quantization_config.to_dict() == loaded.config.quantization_config.to_dict()
 
 
 @pytest.mark.parametrize(("options", "package", "pip_name"), [

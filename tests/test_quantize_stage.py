@@ -4,25 +4,19 @@ from __future__ import annotations
 
 import pytest
 import torch
-from transformers import BertConfig, BertForSequenceClassification
 
 from hfcompress import from_pretrained, run
 from hfcompress.errors import HfCompressError
 from hfcompress.quantization import BACKENDS
 from hfcompress.recipe import RecipeError, parse_recipe
 
-from conftest import classification_recipe
+from conftest import classification_recipe, save_tiny_bert
 
 
 @pytest.fixture(scope="module")
 def bert64_dir(tmp_path_factory, tokenizer):
-    folder = tmp_path_factory.mktemp("bert64")
-    torch.manual_seed(0)
-    config = BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-                        intermediate_size=128, max_position_embeddings=128, num_labels=2)
-    BertForSequenceClassification(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_bert(tmp_path_factory.mktemp("bert64"), tokenizer, hidden_size=64, num_attention_heads=4,
+                          intermediate_size=128)
 
 
 FAST_EVAL = {"timing_iterations": 2, "timing_warmup": 1, "throughput_batch_size": 4}

@@ -8,12 +8,16 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
+from accelerate import init_empty_weights
+from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig
+from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from ..errors import HfCompressError
 from ..fileio import read_json, write_json
 from ..evaluation import memory_footprint, size_on_disk  # noqa: F401  (re-exported)
+from ..pruning.structure import STRUCTURE_FILE
 from .options import variant_name
 
 RECORD_FILE = "quantization.json"
@@ -80,3 +84,77 @@ def modules_of_types(model: nn.Module, types: Iterable[str]) -> dict[str, str]:
     """Module name -> class name, for the modules whose class is one of `types`."""
     types = set(types)
     return {name: type(module).__name__ for name, module in model.named_modules() if type(module).__name__ in types}
+
+
+# ------------------------------------------------------------------------------------------------ pruned checkpoints
+# A pruned model whose blocks differ in shape carries STRUCTURE_FILE beside config.json (see hfcompress.pruning):
+# config.json alone builds the wrong shapes, so `from_pretrained` cannot load it. Every backend therefore builds
+# such a model through the record, quantizes it in memory, and saves the record with the quantized checkpoint.
+
+
+def is_pruned(folder: Path) -> bool:
+    """Whether the checkpoint folder carries a pruning structure record (its blocks differ from config.json's)."""
+    return (Path(folder) / STRUCTURE_FILE).is_file()
+
+
+def load_full_precision(model_dir: Path, model_class, **kwargs) -> nn.Module:
+    """`from_pretrained` of a float checkpoint, or `load_pruned` when it carries a pruning structure record.
+
+    `kwargs` are `from_pretrained` keywords; for a pruned checkpoint only `dtype` and a single-device `device_map`.
+    """
+    if is_pruned(model_dir):
+        from ..pruning import load_pruned
+
+        return load_pruned(model_dir, model_class, **kwargs)
+    return model_class.from_pretrained(str(model_dir), **kwargs).eval()
+
+
+def empty_model(folder: Path, model_class, config=None) -> nn.Module:
+    """The checkpoint's model with its parameters on the meta device (buffers real), sliced to the recorded shapes.
+
+    `config` defaults to the folder's config.json; the weights are the caller's to load (assign, not copy).
+    """
+    from ..pruning.structure import apply_structure
+
+    config = config if config is not None else AutoConfig.from_pretrained(str(folder))
+    with init_empty_weights():
+        model = model_class.from_config(config)
+    if is_pruned(folder):
+        apply_structure(model, read_json(Path(folder) / STRUCTURE_FILE))
+    return model
+
+
+def save_pruning_structure(model: nn.Module, out_dir: Path) -> None:
+    """Write the model's pruning structure record into `out_dir` when its config cannot describe its blocks.
+
+    The shapes are read from the layers' `in_features`/`out_features`, which quantized Linear layers keep; a stale
+    record left by an earlier save is removed (like `save_pruned`).
+    """
+    from ..pruning.adapters import is_supported
+    from ..pruning.structure import needs_structure_record, structure_record
+
+    record_path = Path(out_dir) / STRUCTURE_FILE
+    if is_supported(model) and needs_structure_record(model):
+        write_json(record_path, structure_record(model))
+    elif record_path.exists():
+        record_path.unlink()
+
+
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The tensors `save_pretrained` wrote: model.safetensors, or the shards its index names."""
+    folder = Path(folder)
+    if (folder / SAFE_WEIGHTS_NAME).is_file():
+        return load_file(str(folder / SAFE_WEIGHTS_NAME))
+    if not (folder / SAFE_WEIGHTS_INDEX_NAME).is_file():
+        raise HfCompressError(f"{folder}: no {SAFE_WEIGHTS_NAME} (or sharded index) to load")
+    state_dict = {}
+    for shard in sorted(set(read_json(folder / SAFE_WEIGHTS_INDEX_NAME)["weight_map"].values())):
+        state_dict.update(load_file(str(folder / shard)))
+    return state_dict
+
+
+def check_loaded(model: nn.Module, path: Path) -> None:
+    """Raise when a parameter of a model built on the meta device got no weight from the checkpoint."""
+    missing = sorted(name for name, parameter in model.named_parameters(remove_duplicate=False) if parameter.is_meta)
+    if missing:
+        raise HfCompressError(f"{path}: the checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")

@@ -1,7 +1,9 @@
 """bitsandbytes: LLM.int8() and NF4/FP4 Linear layers, loaded through transformers' BitsAndBytesConfig.
 
-The quantization config is stored in config.json, so plain `from_pretrained` reloads the checkpoint
-(unless the word embeddings are quantized too: see bnb_embeddings.py).
+The quantization config is stored in config.json, so plain `from_pretrained` reloads the checkpoint, unless the
+word embeddings are quantized too (see bnb_embeddings.py) or the model was pruned into blocks of different shapes:
+such a checkpoint keeps its pruning_structure.json, and both quantizing and loading it go through transformers'
+bitsandbytes quantizer on a model built from that record (see bnb_in_memory.py).
 """
 
 from __future__ import annotations
@@ -14,7 +16,15 @@ from torch import nn
 from transformers import BitsAndBytesConfig
 
 from ..errors import HfCompressError
-from .base import QuantizationBackend, read_record, task_head_names, write_record
+from .base import (
+    QuantizationBackend,
+    is_pruned,
+    load_full_precision,
+    read_record,
+    save_pruning_structure,
+    task_head_names,
+    write_record,
+)
 from .options import BitsAndBytesOptions
 
 
@@ -27,7 +37,14 @@ class BitsAndBytesBackend(QuantizationBackend):
                  calibration_batches: Iterable[dict] | None = None) -> nn.Module:
         self.require_package()
         config = bitsandbytes_config(variant, skip=task_head_names(model_dir, model_class) + variant.skip_modules)
-        model = self._from_pretrained(model_dir, model_class, quantization_config=config)
+        if is_pruned(model_dir):  # config.json cannot build its shapes: quantize the loaded float model in memory
+            from .bnb_in_memory import quantize_model
+
+            model = self._guarded(model_dir, lambda: quantize_model(
+                load_full_precision(model_dir, model_class, device_map=_device()), config, _device()))
+        else:
+            model = self._guarded(model_dir, lambda: model_class.from_pretrained(
+                str(model_dir), quantization_config=config, device_map=_device_map()))
         if variant.quantize_embeddings:
             from .bnb_embeddings import quantize_input_embeddings
 
@@ -43,20 +60,27 @@ class BitsAndBytesBackend(QuantizationBackend):
             save_with_input_embeddings_apart(model, out_dir)
         else:
             model.save_pretrained(out_dir)
+        save_pruning_structure(model, out_dir)
         write_record(out_dir, variant)
 
     def load(self, path: Path, model_class) -> nn.Module:
         self.require_package()
-        if read_record(path).get("quantize_embeddings"):
+        embeddings_apart = bool(read_record(path).get("quantize_embeddings"))
+        if is_pruned(path):
+            from .bnb_in_memory import load_prequantized
+
+            return self._guarded(path, lambda: load_prequantized(path, model_class, _device(), embeddings_apart))
+        if embeddings_apart:
             from .bnb_embeddings import load_with_input_embeddings_apart
 
-            return self._from_pretrained(path, model_class, loader=load_with_input_embeddings_apart)
-        return self._from_pretrained(path, model_class)
+            return self._guarded(path, lambda: load_with_input_embeddings_apart(path, model_class,
+                                                                                device_map=_device_map()))
+        return self._guarded(path, lambda: model_class.from_pretrained(str(path), device_map=_device_map()))
 
-    def _from_pretrained(self, path: Path, model_class, loader=None, **kwargs) -> nn.Module:
-        loader = loader or _plain_from_pretrained
+    def _guarded(self, path: Path, build) -> nn.Module:
+        """Build the model; bitsandbytes' "cannot run here" errors become one HfCompressError line."""
         try:
-            model = loader(path, model_class, device_map=_device_map(), **kwargs)
+            model = build()
         except (ImportError, NotImplementedError) as error:
             raise HfCompressError(f"bitsandbytes cannot run on this machine ({path}): {_first_line(error)}") from None
         _compute_4bit_as_configured(model)
@@ -91,8 +115,8 @@ def _compute_4bit_as_configured(model: nn.Module) -> None:
             module.support_avx512bf16_for_cpu = False
 
 
-def _plain_from_pretrained(path: Path, model_class, **kwargs):
-    return model_class.from_pretrained(str(path), **kwargs)
+def _device() -> torch.device:
+    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _device_map():

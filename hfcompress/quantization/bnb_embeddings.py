@@ -58,10 +58,21 @@ def load_with_input_embeddings_apart(path: Path, model_class, **kwargs):
     if set(info["missing_keys"]) != expected_missing:
         raise HfCompressError(f"{path}: checkpoint weights missing besides the word embeddings: "
                               f"{sorted(set(info['missing_keys']) - expected_missing)}")
+    attach_saved_input_embeddings(model, path)
+    return model
+
+
+def attach_saved_input_embeddings(model, path: Path) -> None:
+    """Replace the model's (placeholder) word embeddings by the quantized ones saved in EMBEDDINGS_FILE.
+
+    The placeholder gives the shape and lookup dtype; it may sit on the meta device, and then the embeddings stay
+    on the CPU (the caller moves the model).
+    """
+    placeholder = model.get_input_embeddings()
+    device = placeholder.weight.device if placeholder.weight.device.type != "meta" else torch.device("cpu")
     tensors = load_file(str(Path(path) / EMBEDDINGS_FILE))
     embedding = _embedding_from_tensors(tensors, like=placeholder)
-    model.set_input_embeddings(embedding.to(placeholder.weight.device))
-    return model
+    model.set_input_embeddings(embedding.to(device))
 
 
 def _empty_embedding(num_embeddings: int, dim: int, bits: int, quant_type: str, device) -> nn.Embedding:

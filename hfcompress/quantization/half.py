@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .base import QuantizationBackend, read_record, write_record
+from .base import QuantizationBackend, load_full_precision, read_record, save_pruning_structure, write_record
 from .options import HalfOptions
 
 
@@ -22,14 +22,15 @@ class HalfBackend(QuantizationBackend):
 
     def quantize(self, model_dir: Path, model_class, variant: HalfOptions,
                  calibration_batches: Iterable[dict] | None = None) -> nn.Module:
-        return model_class.from_pretrained(str(model_dir), dtype=getattr(torch, variant.dtype)).eval()
+        return load_full_precision(model_dir, model_class, dtype=getattr(torch, variant.dtype))
 
     def save(self, model: nn.Module, out_dir: Path, variant: HalfOptions) -> None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out_dir)
+        save_pruning_structure(model, out_dir)
         write_record(out_dir, variant)
 
     def load(self, path: Path, model_class) -> nn.Module:
         dtype = getattr(torch, read_record(path)["dtype"])
-        return model_class.from_pretrained(str(path), dtype=dtype).eval()
+        return load_full_precision(path, model_class, dtype=dtype)  # load_pruned when the blocks differ in shape

@@ -1,7 +1,8 @@
 """optimum-quanto: int8/int4/int2 weights (QLinear), optionally int8 activations calibrated on a few batches.
 
 A checkpoint is `save_pretrained` of the frozen model (each quantized weight is stored as its `_data` and
-`_scale` tensors) plus quanto's quantization map in quantization.json; `load` rebuilds the model empty and
+`_scale` tensors) plus quanto's quantization map in quantization.json (and pruning_structure.json for a model
+pruned into blocks of different shapes); `load` rebuilds the model empty, sliced to the recorded shapes, and
 calls `optimum.quanto.requantize`, as quanto's own QuantizedTransformersModel does.
 """
 
@@ -12,13 +13,19 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
-from safetensors.torch import load_file
 from torch import nn
-from transformers import AutoConfig
 
 from ..errors import HfCompressError
-from .base import QuantizationBackend, read_record, task_head_names, write_record
+from .base import (
+    QuantizationBackend,
+    empty_model,
+    load_full_precision,
+    read_record,
+    read_weights,
+    save_pruning_structure,
+    task_head_names,
+    write_record,
+)
 from .options import QuantoOptions
 
 
@@ -35,7 +42,7 @@ class QuantoBackend(QuantizationBackend):
 
         if variant.activations and calibration_batches is None:
             raise HfCompressError(f"quanto activations: {variant.activations} needs calibration batches, none given")
-        model = model_class.from_pretrained(str(model_dir)).eval()
+        model = load_full_precision(model_dir, model_class)  # load_pruned when the blocks differ in shape
         skip = task_head_names(model_dir, model_class) + variant.skip_modules
         quantize(model, weights=_qtype(variant.weights), activations=_qtype(variant.activations),
                  exclude=exclude_patterns(skip))
@@ -50,6 +57,7 @@ class QuantoBackend(QuantizationBackend):
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(out_dir)
+        save_pruning_structure(model, out_dir)
         write_record(out_dir, variant, quantization_map=quantization_map(model), float_outputs=float_outputs(model))
 
     def load(self, path: Path, model_class) -> nn.Module:
@@ -57,9 +65,8 @@ class QuantoBackend(QuantizationBackend):
         from optimum.quanto import requantize
 
         record = read_record(path)
-        with init_empty_weights():
-            model = model_class.from_config(AutoConfig.from_pretrained(str(path)))
-        state_dict = _read_weights(Path(path))
+        model = empty_model(Path(path), model_class)  # sliced to pruning_structure.json's shapes, if there is one
+        state_dict = read_weights(Path(path))
         requantize(model, state_dict, record["quantization_map"], device=torch.device("cpu"))
         _check_nothing_missing(model, state_dict, path)
         model.tie_weights()
@@ -108,13 +115,6 @@ def _qtype(name: str | None):
     from optimum.quanto import qtypes
 
     return qtypes[f"q{name}"]
-
-
-def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    state_dict = {}
-    for file in sorted(folder.glob("*.safetensors")):  # one file, or the shards of a large model
-        state_dict.update(load_file(str(file)))
-    return state_dict
 
 
 def _check_nothing_missing(model: nn.Module, state_dict: dict, path: Path) -> None:
