@@ -13,7 +13,7 @@
 Losses are registered by name in `LOSSES` (kl, ce, hidden_mse, hidden_cosine, attention_kl).
 """
 
-from .architectures import LAYER_LISTS, transformer_layers
+from .architectures import transformer_layers
 from .layer_maps import layers_to_keep, uniform_layer_map
 from .losses import LOSSES, LossInputs, register_loss, soft_target_kl, top_k_soft_target_kl
 from .objective import DistillationLoss, DistillationLossOptions, distillation_compute_loss
@@ -27,7 +27,6 @@ from .teacher_cache import (
 )
 
 __all__ = [
-    "LAYER_LISTS",
     "LOSSES",
     "CachedTeacherOutputs",
     "DistillationLoss",

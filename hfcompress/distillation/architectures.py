@@ -1,4 +1,4 @@
-"""Where each architecture family keeps its transformer blocks.
+"""Where each architecture family keeps its transformer blocks (shared with the pruning adapters).
 
 Every family's config answers to `num_hidden_layers` (transformers' `attribute_map` maps it onto GPT-2's
 `n_layer` and DistilBERT's `n_layers`), so the block list is the only thing that differs.
@@ -10,33 +10,24 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from ..errors import HfCompressError
-
-# model_type -> path from `model.base_model` to the ModuleList of blocks
-LAYER_LISTS: dict[str, str] = {
-    "bert": "encoder.layer",
-    "roberta": "encoder.layer",
-    "distilbert": "transformer.layer",
-    "gpt2": "h",
-    "llama": "layers",
-    "mistral": "layers",
-    "qwen2": "layers",
-}
+from ..pruning.adapters import ADAPTERS
 
 # Config lists with one entry per block (e.g. full vs sliding-window attention); they follow the kept blocks.
 PER_LAYER_CONFIG_LISTS = ("layer_types", "mlp_layer_types")
 
 
 def layer_list_path(model: PreTrainedModel) -> str:
-    """The blocks' state-dict prefix, e.g. "bert.encoder.layer" or "model.layers"."""
+    """The blocks' state-dict prefix, e.g. "bert.encoder.layer" or "model.layers" (from the pruning adapters,
+    which know where each family keeps its blocks)."""
     model_type = model.config.model_type
-    if model_type not in LAYER_LISTS:
+    if model_type not in ADAPTERS:
         raise HfCompressError(
             f"distillation does not know where {model_type!r} models keep their layers "
-            f"(supported: {', '.join(sorted(LAYER_LISTS))})"
+            f"(supported: {', '.join(sorted(ADAPTERS))})"
         )
     is_wrapped = model.base_model is not model  # a task model (…ForSequenceClassification) around the base model
     prefix = model.base_model_prefix + "." if is_wrapped else ""
-    return prefix + LAYER_LISTS[model_type]
+    return prefix + ADAPTERS[model_type].layers_path
 
 
 def transformer_layers(model: PreTrainedModel) -> nn.ModuleList:
