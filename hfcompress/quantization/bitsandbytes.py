@@ -8,6 +8,7 @@ bitsandbytes quantizer on a model built from that record (see bnb_in_memory.py).
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -26,6 +27,10 @@ from .base import (
     write_record,
 )
 from .options import BitsAndBytesOptions
+
+
+# LLM.int8() casts fp32 inputs to fp16 by design; bitsandbytes warns about it at every layer of every forward.
+warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast from")
 
 
 class BitsAndBytesBackend(QuantizationBackend):

@@ -53,15 +53,19 @@ def evaluation_row(ctx: StageContext, model, folder: str | Path, options: Evalua
             measure_speed(model, model.config.vocab_size, length, ctx.task, options.timing_warmup,
                           options.timing_iterations, options.throughput_batch_size)
         )
-    model_dir = _inside_run_dir(folder, ctx.run_dir) or ctx.model.name_or_path
     if options.generation_prompt and ctx.task.type == "causal-lm":
         metrics.update(measure_generation(model, ctx.tokenizer, options.generation_prompt, options.max_new_tokens))
+    model_dir = _inside_run_dir(folder, ctx) or ctx.model.name_or_path
     return {"label": label, "stage_id": ctx.stage_id, "model_dir": model_dir, "metrics": metrics}
 
 
-def _inside_run_dir(folder, run_dir: Path) -> str | None:
-    """The folder relative to the run directory, or None when it lies elsewhere (the teacher)."""
+def _inside_run_dir(folder, ctx: StageContext) -> str | None:
+    """The folder relative to the run directory as it will be once this stage is finished (its partial folder
+    renamed to the stage id), or None when it lies elsewhere (the teacher)."""
     try:
-        return str(Path(folder).resolve().relative_to(Path(run_dir).resolve()))
+        relative = Path(folder).resolve().relative_to(Path(ctx.run_dir).resolve())
     except ValueError:
         return None
+    if relative.parts[0] == Path(ctx.out_dir).name:
+        relative = Path(ctx.stage_id, *relative.parts[1:])
+    return str(relative)
