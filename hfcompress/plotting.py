@@ -25,8 +25,10 @@ def plot_size_vs_quality(rows: list[dict], metric: str, path: Path) -> Path | No
     labels, sizes, values = zip(*points)
     axes.plot(sizes, values, color="tab:gray", linewidth=1, zorder=1)
     axes.scatter(sizes, values, color="tab:blue", zorder=2)
-    for label, size, value in points:
-        axes.annotate(label, (size, value), textcoords="offset points", xytext=(6, 6), fontsize=9)
+    for index, (label, size, value) in enumerate(points):
+        short = label.rsplit("/", 1)[-1]  # "08-quantize/bnb-nf4" -> "bnb-nf4"
+        offset = (6, 6) if index % 2 == 0 else (6, -12)  # alternate above/below: neighbours often sit close
+        axes.annotate(short, (size, value), textcoords="offset points", xytext=offset, fontsize=9)
     better = "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
     axes.set_xlabel("size on disk (MB)")
     axes.set_ylabel(f"{metric} ({better})")
