@@ -62,6 +62,7 @@ class TrainingState:
     batches_in_epoch: int = 0
     best_metric: float | None = None
     best_step: int | None = None
+    train_seconds: float = 0.0  # time in the training loop itself (no loading, caching, saving), across resumes
     history: list[dict] = field(default_factory=list)
 
 
@@ -182,9 +183,10 @@ class _Loop:
                 if options.eval_strategy == "epoch":
                     self._evaluate(state)
         progress.close()
+        state.train_seconds += time.perf_counter() - started
         if options.eval_strategy != "no" and (not state.history or state.history[-1]["step"] != state.global_step):
             self._evaluate(state)
-        logger.info("%s trained %d steps in %.1f s", self.ctx.stage_id, state.global_step, time.perf_counter() - started)
+        logger.info("%s trained %d steps in %.1f s", self.ctx.stage_id, state.global_step, state.train_seconds)
         return state
 
     def _average_extra_gradients(self) -> None:

@@ -35,5 +35,6 @@ def training_metrics(ctx: StageContext, state) -> dict:
         f"best_validation_{ctx.task.selection_metric}": state.best_metric,
         "best_step": state.best_step,
         "steps": state.global_step,
+        "train_seconds": round(state.train_seconds, 2),
         "validation_history": state.history,
     }
