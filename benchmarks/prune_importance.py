@@ -22,12 +22,14 @@ FAST_EVALUATE = {"timing_iterations": 30}
 
 
 def prune_arm(args, selection: str, seed: int) -> dict:
-    prune = {"heads": {"sparsity": args.heads}, "ffn": {"sparsity": args.ffn}, "selection": selection}
+    prune = {"heads": {"sparsity": args.heads}, "ffn": {"sparsity": args.ffn}, "selection": selection, "seed": seed}
     recovery = {"teacher": "teacher", "max_steps": args.recovery_steps, "learning_rate": 5e-5, "seed": seed}
     stages = [{"prune": prune}, {"evaluate": {**FAST_EVALUATE, "label": "pruned"}},
               {"distill": recovery}, {"evaluate": {**FAST_EVALUATE, "label": "recovered"}}]
     run_dir = args.work_dir / f"{selection}-{seed}"
-    results = hfcompress.run(parse_recipe(quickstart_recipe(args.student, run_dir, stages, seed, "prune-bench")))
+    # The recipe seed stays the quickstart's: it fixes the split, so the test reviews are the ones the student
+    # never trained on. Only the random choice and the recovery's training order vary with `seed`.
+    results = hfcompress.run(parse_recipe(quickstart_recipe(args.student, run_dir, stages, name="prune-bench")))
     pruned, recovered = (row["metrics"] for row in results["rows"])
     return {"pruned": pruned["accuracy"], "recovered": recovered["accuracy"],
             "latency_ms_p50": recovered["latency_ms_p50"], "parameters": recovered["num_parameters"]}

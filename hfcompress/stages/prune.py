@@ -64,6 +64,7 @@ class PruneOptions(StageOptions):
     heads: HeadBudget | None = None
     ffn: FfnBudget | None = None
     selection: Literal["importance", "random"] = "importance"
+    seed: int | None = Field(None, description="random selection: its seed (default: the recipe's)")
     calibration_samples: int = Field(256, ge=1)
     calibration_batch_size: int = Field(16, ge=1)
 
@@ -85,7 +86,8 @@ class PruneStage(Stage):
         options = self.options
         model = ctx.load_model()
         batches = ctx.calibration_batches(options.calibration_samples, options.calibration_batch_size)
-        chooser = _RandomChoice(ctx.recipe.seed) if options.selection == "random" else None
+        seed = ctx.recipe.seed if options.seed is None else options.seed
+        chooser = _RandomChoice(seed) if options.selection == "random" else None
         before = count_parameters(model)
         removed = {}
         if options.layers:
