@@ -52,7 +52,7 @@ def synthetic_batch(vocab_size: int, batch_size: int, length: int, device, seed:
     return {"input_ids": input_ids.to(device), "attention_mask": torch.ones_like(input_ids).to(device)}
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def time_forward(model, batch: dict, warmup: int, iterations: int) -> np.ndarray:
     """Wall-clock milliseconds of `iterations` forward passes after `warmup` untimed ones."""
     synchronize = torch.cuda.synchronize if batch["input_ids"].is_cuda else (lambda: None)
@@ -88,7 +88,7 @@ def measure_speed(model, vocab_size: int, length: int, task, warmup: int = 5, it
     }
 
 
-@torch.inference_mode()
+@torch.no_grad()
 def measure_generation(model, tokenizer, prompt: str, max_new_tokens: int) -> dict:
     """A greedy completion of `prompt`, and the decode speed (ms per new token, tokens/s) after a warm-up."""
     model.eval()

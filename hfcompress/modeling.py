@@ -6,7 +6,7 @@ from pathlib import Path
 
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-from .errors import HfCompressError
+from .errors import HfCompressError, first_line
 from .pruning.structure import STRUCTURE_FILE as PRUNING_RECORD
 from .quantization.base import RECORD_FILE as QUANTIZATION_RECORD
 from .recipe import ModelReference
@@ -48,7 +48,7 @@ def load_model(reference: ModelReference | str, model_class, key: str = "teacher
     try:
         return from_pretrained(location, model_class, **kwargs)
     except (OSError, ValueError) as error:
-        raise HfCompressError(f"{key}: cannot load model {reference.name_or_path!r}: {_first_line(error)}") from None
+        raise HfCompressError(f"{key}: cannot load model {reference.name_or_path!r}: {first_line(error)}") from None
 
 
 def load_tokenizer(reference: ModelReference | str, key: str = "teacher"):
@@ -60,7 +60,7 @@ def load_tokenizer(reference: ModelReference | str, key: str = "teacher"):
     try:
         tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
     except (OSError, ValueError) as error:
-        raise HfCompressError(f"{key}: cannot load tokenizer {reference.name_or_path!r}: {_first_line(error)}") from None
+        raise HfCompressError(f"{key}: cannot load tokenizer {reference.name_or_path!r}: {first_line(error)}") from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -94,8 +94,3 @@ def save_checkpoint(model, tokenizer, folder: Path, accelerator=None) -> None:
     else:
         model.save_pretrained(folder)
     tokenizer.save_pretrained(folder)
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

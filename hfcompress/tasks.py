@@ -31,7 +31,7 @@ class Task:
     def is_better(self, new: float, best: float | None) -> bool:
         return best is None or (new > best if self.greater_is_better else new < best)
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def evaluate(self, model, dataloader, gather=None) -> dict[str, float]:
         """Task metrics over a dataloader; `gather` collects tensors across processes (accelerate's
         gather_for_metrics) when the dataloader is sharded."""
@@ -58,7 +58,7 @@ class TextClassificationTask(Task):
             "label2id": {name: index for index, name in enumerate(names)},
         }
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def evaluate(self, model, dataloader, gather=None) -> dict[str, float]:
         model.eval()
         predictions, references = [], []
@@ -85,7 +85,7 @@ class CausalLMTask(Task):
     greater_is_better = False
     throughput_unit = "tokens/s"
 
-    @torch.inference_mode()
+    @torch.no_grad()
     def evaluate(self, model, dataloader, gather=None) -> dict[str, float]:
         model.eval()
         nll, counts = [], []

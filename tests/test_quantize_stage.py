@@ -35,7 +35,7 @@ def test_variants_are_evaluated_and_the_smallest_acceptable_is_carried(tmp_path,
     metrics = results["stages"][0]["metrics"]
     assert [row["label"] for row in results["rows"]] == ["01-quantize/bnb-int8", "01-quantize/bf16"]
     assert [row["model_dir"] for row in results["rows"]] == ["01-quantize/bnb-int8", "01-quantize/bf16"]
-    assert metrics["failed_variants"] == {"quanto-int4": "quanto: not available on this device"}
+    assert metrics["failed_variants"] == {"quanto-int4": "HfCompressError: quanto: not available on this device"}
     sizes = {row["label"]: row["metrics"]["size_on_disk_bytes"] for row in results["rows"]}
     assert metrics["carried_forward"] == "bf16" == min(sizes, key=sizes.get).split("/")[1]
     assert results["final_model_dir"] == "01-quantize/bf16"

@@ -10,7 +10,7 @@ import copy
 
 from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
 
-from ..errors import HfCompressError
+from ..errors import HfCompressError, first_line
 from .architectures import layer_list_path, select_per_layer_lists
 from .layer_maps import Strategy, layers_to_keep, uniform_layer_map
 
@@ -73,7 +73,7 @@ def student_from_config(
     try:
         student = model_class.from_pretrained(init_from, config=config)
     except (OSError, ValueError, RuntimeError) as error:
-        reason = _first_line(error)
+        reason = first_line(error)
         raise HfCompressError(f"student: cannot load {init_from!r} with the student config: {reason}") from None
     return student, layer_map
 
@@ -133,7 +133,7 @@ def _build(model_class, config: PretrainedConfig) -> PreTrainedModel:
     try:
         return build(config)
     except (ValueError, TypeError, AssertionError) as error:
-        reason = _first_line(error)
+        reason = first_line(error)
         raise HfCompressError(f"student config: cannot build a {config.model_type} model: {reason}") from None
 
 
@@ -141,9 +141,4 @@ def _checkpoint_config(init_from: str) -> PretrainedConfig:
     try:
         return AutoConfig.from_pretrained(init_from)
     except (OSError, ValueError) as error:
-        raise HfCompressError(f"student: cannot load the config of {init_from!r}: {_first_line(error)}") from None
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+        raise HfCompressError(f"student: cannot load the config of {init_from!r}: {first_line(error)}") from None

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import BitsAndBytesConfig
 
-from ..errors import HfCompressError
+from ..errors import HfCompressError, first_line
 from .base import (
     QuantizationBackend,
     is_pruned,
@@ -87,7 +87,7 @@ class BitsAndBytesBackend(QuantizationBackend):
         try:
             model = build()
         except (ImportError, NotImplementedError) as error:
-            raise HfCompressError(f"bitsandbytes cannot run on this machine ({path}): {_first_line(error)}") from None
+            raise HfCompressError(f"bitsandbytes cannot run on this machine ({path}): {first_line(error)}") from None
         _compute_4bit_as_configured(model)
         return model.eval()
 
@@ -126,8 +126,3 @@ def _device() -> torch.device:
 
 def _device_map():
     return {"": torch.cuda.current_device()} if torch.cuda.is_available() else "cpu"
-
-
-def _first_line(error: Exception) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

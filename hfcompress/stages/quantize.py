@@ -8,7 +8,7 @@ import logging
 
 from pydantic import Field, field_validator
 
-from ..errors import HfCompressError
+from ..errors import HfCompressError, first_line
 from ..quantization import VariantOptions, quantize, save_quantized, variant_name
 from ..sources import resolve_model_reference
 from . import register_stage
@@ -52,15 +52,11 @@ class QuantizeStage(Stage):
         for variant in options.variants:
             name = variant_name(variant)
             try:
-                model = quantize(source, ctx.task.model_class, variant, calibration)
-            except HfCompressError as error:
-                logger.warning("%s: variant %s failed: %s", ctx.stage_id, name, error)
-                failed[name] = str(error)
+                rows.append(self._variant(ctx, source, variant, name, calibration))
+            except (HfCompressError, RuntimeError, NotImplementedError) as error:  # this device cannot run it
+                failed[name] = f"{type(error).__name__}: {first_line(error)}"
+                logger.warning("%s: variant %s failed, the others go on: %s", ctx.stage_id, name, failed[name])
                 continue
-            folder = ctx.out_dir / name
-            save_quantized(model, folder, variant)
-            ctx.tokenizer.save_pretrained(folder)
-            rows.append(evaluation_row(ctx, model, folder, options.evaluate, f"{ctx.stage_id}/{name}"))
             logger.info("%s: %s %s", ctx.stage_id, name, _quality(ctx, rows[-1]))
         if not rows:
             raise HfCompressError(f"stages.{ctx.stage_id}: every quantization variant failed: {failed}")
@@ -71,6 +67,14 @@ class QuantizeStage(Stage):
             rows=rows,
             model_subdir=chosen,
         )
+
+    def _variant(self, ctx: StageContext, source, variant, name: str, calibration) -> dict:
+        """Quantize, save and evaluate one variant; its evaluation row."""
+        model = quantize(source, ctx.task.model_class, variant, calibration)
+        folder = ctx.out_dir / name
+        save_quantized(model, folder, variant)
+        ctx.tokenizer.save_pretrained(folder)
+        return evaluation_row(ctx, model, folder, self.options.evaluate, f"{ctx.stage_id}/{name}")
 
     def _input_quality(self, ctx: StageContext) -> float:
         """The input model's task metric on the same split the variants are scored on."""
