@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from .errors import HfCompressError
 from .fileio import read_json
 
 QUALITY_METRICS = ("accuracy", "f1", "perplexity")
 
 
 def load_results(run_dir: str | Path) -> dict:
-    from .errors import HfCompressError
-
     path = Path(run_dir) / "results.json"
     if not path.is_file():
         raise HfCompressError(f"{run_dir}: no results.json (is this a run directory written by `hfcompress run`?)")

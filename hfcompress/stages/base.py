@@ -12,6 +12,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 
 from ..data import batch_to_model_inputs
+from ..errors import HfCompressError
 from ..modeling import load_model, save_checkpoint
 from ..recipe import ModelReference, Recipe
 
@@ -66,8 +67,6 @@ class StageContext:
         if name is None:
             return self.model
         if name not in self.models:
-            from ..errors import HfCompressError
-
             raise HfCompressError(f"{key}: no model named {name!r} before this stage (have: {', '.join(self.models)})")
         return self.models[name]
 
