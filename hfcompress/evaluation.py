@@ -83,6 +83,7 @@ def measure_speed(model, vocab_size: int, length: int, task, warmup: int = 5, it
         "throughput_per_s": float(task.throughput_items(batch) / (np.median(batch_ms) / 1000)),
         "throughput_unit": task.throughput_unit,
         "timing_sequence_length": length,
+        "throughput_batch_size": throughput_batch_size,
         "timing_threads": torch.get_num_threads(),
         "timing_device": str(device),
     }

@@ -56,7 +56,10 @@ def format_table(results: dict) -> str:
         "  ".join("-" * width for width in widths),
         *("  ".join(str(cell).ljust(width) for cell, width in zip(cells, widths)) for cells in body),
     ]
-    note = "ratios are against the first row; latency: batch 1, throughput: batch 32, fixed input length, CPU threads as run"
+    timing = results["rows"][0]["metrics"]
+    note = (f"ratios are against the first row; latency: batch 1, throughput: batch "
+            f"{timing.get('throughput_batch_size', '?')}, {timing.get('timing_sequence_length', '?')} tokens per "
+            f"input, on {timing.get('timing_device', '?')} with {timing.get('timing_threads', '?')} threads")
     return "\n".join([f"{results.get('name', 'run')}: {len(body)} evaluated model(s)", *lines, note])
 
 
