@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -11,6 +10,7 @@ from transformers import AutoConfig, PreTrainedModel
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from ..errors import HfCompressError
+from ..fileio import read_json, write_json
 from .structure import STRUCTURE_FILE, apply_structure, needs_structure_record, structure_record
 
 # from_pretrained keywords that also make sense when the model is built from its config.
@@ -25,11 +25,19 @@ def save_pruned(model: PreTrainedModel, folder: str | Path, **save_pretrained_kw
     """
     folder = Path(folder)
     model.save_pretrained(folder, **save_pretrained_kwargs)
-    record_path = folder / STRUCTURE_FILE
+    write_structure_record(model, folder)
+
+
+def write_structure_record(model: PreTrainedModel, folder: Path) -> None:
+    """`pruning_structure.json` in `folder` when the config cannot describe every block; else remove a stale one.
+
+    Shapes come from the layers' in/out features, which quantized Linear layers keep too.
+    """
+    record_path = Path(folder) / STRUCTURE_FILE
     if needs_structure_record(model):
-        record_path.write_text(json.dumps(structure_record(model), indent=2) + "\n")
-    elif record_path.exists():
-        record_path.unlink()
+        write_json(record_path, structure_record(model))
+    else:
+        record_path.unlink(missing_ok=True)
 
 
 def load_pruned(path: str | Path, model_class, **from_pretrained_kwargs) -> PreTrainedModel:
@@ -44,7 +52,7 @@ def load_pruned(path: str | Path, model_class, **from_pretrained_kwargs) -> PreT
     model = model_class.from_config(AutoConfig.from_pretrained(folder), **build_kwargs)
     record_path = folder / STRUCTURE_FILE
     if record_path.is_file():
-        apply_structure(model, json.loads(record_path.read_text()))
+        apply_structure(model, read_json(record_path))
     _load_weights(model, folder)
     if device is not None:
         model.to(device)
@@ -66,7 +74,7 @@ def _split_kwargs(kwargs: dict) -> tuple[dict, str | torch.device | None]:
 
 def _load_weights(model: PreTrainedModel, folder: Path) -> None:
     try:
-        result = model.load_state_dict(_read_weights(folder), strict=False)
+        result = model.load_state_dict(read_weights(folder), strict=False)
     except RuntimeError as error:  # shape mismatches
         raise HfCompressError(
             f"{folder}: the saved weights do not fit the model built from config.json ({_mismatch(error)}); "
@@ -81,14 +89,16 @@ def _load_weights(model: PreTrainedModel, folder: Path) -> None:
     model.tie_weights()
 
 
-def _read_weights(folder: Path) -> dict[str, torch.Tensor]:
+def read_weights(folder: Path) -> dict[str, torch.Tensor]:
+    """The tensors `save_pretrained` wrote: model.safetensors, or the shards its index names."""
+    folder = Path(folder)
     if (folder / SAFE_WEIGHTS_NAME).is_file():
         return load_file(folder / SAFE_WEIGHTS_NAME)
     index = folder / SAFE_WEIGHTS_INDEX_NAME
     if not index.is_file():
         raise HfCompressError(f"{folder}: no {SAFE_WEIGHTS_NAME} (or sharded index) to load")
     weights = {}
-    for shard in sorted(set(json.loads(index.read_text())["weight_map"].values())):
+    for shard in sorted(set(read_json(index)["weight_map"].values())):
         weights.update(load_file(folder / shard))
     return weights
 

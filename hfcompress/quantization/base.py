@@ -9,15 +9,14 @@ from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
-from safetensors.torch import load_file
 from torch import nn
 from transformers import AutoConfig
-from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from ..errors import HfCompressError
 from ..fileio import read_json, write_json
 from ..evaluation import memory_footprint, size_on_disk  # noqa: F401  (re-exported)
 from ..pruning.structure import STRUCTURE_FILE
+from ..pruning.checkpoint import read_weights  # noqa: F401  (shared with the backends)
 from .options import variant_name
 
 RECORD_FILE = "quantization.json"
@@ -125,32 +124,15 @@ def empty_model(folder: Path, model_class, config=None) -> nn.Module:
 
 
 def save_pruning_structure(model: nn.Module, out_dir: Path) -> None:
-    """Write the model's pruning structure record into `out_dir` when its config cannot describe its blocks.
-
-    The shapes are read from the layers' `in_features`/`out_features`, which quantized Linear layers keep; a stale
-    record left by an earlier save is removed (like `save_pruned`).
-    """
+    """Write the model's pruning structure record into `out_dir` when its config cannot describe its blocks (a
+    stale record left by an earlier save is removed, like `save_pruned`)."""
     from ..pruning.adapters import is_supported
-    from ..pruning.structure import needs_structure_record, structure_record
+    from ..pruning.checkpoint import write_structure_record
 
-    record_path = Path(out_dir) / STRUCTURE_FILE
-    if is_supported(model) and needs_structure_record(model):
-        write_json(record_path, structure_record(model))
-    elif record_path.exists():
-        record_path.unlink()
-
-
-def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """The tensors `save_pretrained` wrote: model.safetensors, or the shards its index names."""
-    folder = Path(folder)
-    if (folder / SAFE_WEIGHTS_NAME).is_file():
-        return load_file(str(folder / SAFE_WEIGHTS_NAME))
-    if not (folder / SAFE_WEIGHTS_INDEX_NAME).is_file():
-        raise HfCompressError(f"{folder}: no {SAFE_WEIGHTS_NAME} (or sharded index) to load")
-    state_dict = {}
-    for shard in sorted(set(read_json(folder / SAFE_WEIGHTS_INDEX_NAME)["weight_map"].values())):
-        state_dict.update(load_file(str(folder / shard)))
-    return state_dict
+    if is_supported(model):
+        write_structure_record(model, out_dir)
+    else:
+        (Path(out_dir) / STRUCTURE_FILE).unlink(missing_ok=True)
 
 
 def check_loaded(model: nn.Module, path: Path) -> None:
