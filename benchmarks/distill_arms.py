@@ -11,6 +11,12 @@ accuracy kept, batch-1 latency vs the teacher, and the time of a cached distilla
 
     python benchmarks/distill_arms.py --teacher runs/quickstart/01-finetune [--seeds 0 1 2] [--max-steps 200]
 
+Other losses can be tried as further arms of the `distill` stage (the teacher runs live when they need its hidden
+states or attentions), alone with --no-baselines:
+
+    python benchmarks/distill_arms.py --students 2L --no-baselines --results-name distill_losses \
+        --loss 'hidden_cosine={"weights": {"kl": 0.5, "ce": 0.5, "hidden_cosine": 1.0}}'
+
 The teacher is a fine-tuned checkpoint (the quickstart's first stage). Results also go to
 benchmarks/results/distill_arms.json.
 """
@@ -19,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
 import time
 from pathlib import Path
@@ -44,12 +51,13 @@ def training_options(args, seed: int) -> dict:
             "warmup_ratio": 0.06, "eval_strategy": "no", "seed": seed}
 
 
-def hfcompress_arm(args, teacher: Path, work: Path, student: str, seed: int, loss: dict | None) -> dict:
+def hfcompress_arm(args, teacher: Path, work: Path, student: str, seed: int, loss: dict | None,
+                   arm: str = "default") -> dict:
     options = {**training_options(args, seed), "student": STUDENTS[student]}
     if loss is not None:
         options["loss"] = loss
     evaluate = {"evaluate": {"timing_iterations": 30}}
-    run_dir = work / f"{student}-{seed}-{'labels' if loss else 'default'}"
+    run_dir = work / f"{student}-{seed}-{arm}"
     recipe = parse_recipe(quickstart_recipe(teacher, run_dir, [{"distill": options}, evaluate], name="distill-bench"))
     results = hfcompress.run(recipe)
     row = results["rows"][-1]["metrics"]
@@ -106,6 +114,14 @@ def summarise(values: list[float]) -> str:
     return f"{100 * statistics.mean(values):.2f} +- {100 * spread:.2f}"
 
 
+def named_loss(text: str) -> tuple[str, dict]:
+    name, _, options = text.partition("=")
+    try:
+        return name, json.loads(options)
+    except json.JSONDecodeError as error:
+        raise argparse.ArgumentTypeError(f"--loss {name}: not JSON after '=': {error}") from None
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", type=Path, default=ROOT / "runs" / "quickstart" / "01-finetune")
@@ -114,6 +130,10 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=200)
     parser.add_argument("--learning-rate", type=float, default=1e-4)
     parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "distill-bench")
+    parser.add_argument("--loss", action="append", default=[], metavar="NAME=JSON", type=named_loss,
+                        help="a further arm: the distill stage with these loss options (repeatable)")
+    parser.add_argument("--no-baselines", action="store_true", help="run only the --loss arms")
+    parser.add_argument("--results-name", default="distill_arms", help="benchmarks/results/<name>.{json,txt}")
     args = parser.parse_args()
 
     recipe = parse_recipe(quickstart_recipe(args.teacher, args.work_dir, [{"evaluate": {}}]))
@@ -122,13 +142,16 @@ def main() -> None:
     teacher = teacher_row(args.teacher, data, task)
     results = {"teacher": teacher, "settings": vars(args) | {"teacher": str(args.teacher), "work_dir": str(args.work_dir)},
                "arms": {}}
-    arms = {
+    arms = {} if args.no_baselines else {
         "(a) labels only": lambda student, seed: hfcompress_arm(args, args.teacher, args.work_dir, student, seed,
-                                                                {"weights": {"ce": 1.0}}),
+                                                                {"weights": {"ce": 1.0}}, "labels"),
         "(b) plain KD by hand": lambda student, seed: plain_kd_arm(args, args.teacher, student, seed, data, task),
         "(c) hfcompress default": lambda student, seed: hfcompress_arm(args, args.teacher, args.work_dir, student,
                                                                        seed, None),
     }
+    for name, loss in args.loss:
+        arms[f"distill {name}"] = lambda student, seed, name=name, loss=loss: hfcompress_arm(
+            args, args.teacher, args.work_dir, student, seed, loss, name)
     for student in args.students:
         for arm, run_arm in arms.items():
             runs = [run_arm(student, seed) for seed in args.seeds]
@@ -144,14 +167,14 @@ def main() -> None:
         faster = teacher["latency_ms_p50"] / statistics.median(run["latency_ms_p50"] for run in runs)
         seconds = statistics.mean(run["train_seconds"] for run in runs)
         lines.append(f"{name:36s} {summarise(accuracy):26s} {kept:6.1f}%          {faster:5.2f}     {seconds:6.1f}")
-    for student in args.students:
+    for student in [] if args.no_baselines else args.students:
         labels = statistics.mean(r["train_seconds"] for r in results["arms"][f"{student} (a) labels only"])
         cached = statistics.mean(r["train_seconds"] for r in results["arms"][f"{student} (c) hfcompress default"])
         lines.append(f"{student}: training time, cached distillation / labels only = {cached / labels:.2f} "
                      "(time inside the training loop; the teacher cache is built once per teacher and split)")
     report = "\n".join(lines)
     print(report)
-    save_results("distill_arms", results, report)
+    save_results(args.results_name, results, report)
 
 
 if __name__ == "__main__":

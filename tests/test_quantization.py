@@ -98,7 +98,7 @@ def calibration_batches():
 @pytest.mark.parametrize(("options", "message"), [
     ({"backend": "bitsandbytes", "bits": 3}, "bits: Input should be 8 or 4"),
     ({"backend": "bitsandbytes", "bits": 4, "quant_type": "int4"}, "quant_type: Input should be 'nf4' or 'fp4'"),
-    ({"backend": "bitsandbytes", "bits": 8, "quant_type": "nf4"}, ": Value error, quant_type only applies to bits: 4"),
+    ({"backend": "bitsandbytes", "bits": 8, "quant_type": "fp4"}, ": Value error, quant_type only applies to bits: 4"),
     ({"backend": "bitsandbytes", "bits": 4, "llm_int8_threshold": 5.0}, "llm_int8_threshold only applies to bits: 8"),
     ({"backend": "bitsandbytes", "bits": 8, "threshold": 5.0}, "threshold: Extra inputs are not permitted"),
     ({"backend": "gptq", "bits": 4}, "backend: backend must be one of: bitsandbytes, quanto, half"),
@@ -382,3 +382,46 @@ def test_missing_backend_package_is_a_clear_error(checkpoint, monkeypatch, optio
     monkeypatch.setitem(sys.modules, package, None)  # makes `import package` fail
     with pytest.raises(HfCompressError, match=f"needs the '{package}' package.*; pip install {pip_name}$"):
         quantize(checkpoint.folder, checkpoint.model_class, parse_variant(options))
+
+
+def snap_to_affine_4bit_blocks(model: nn.Module, block: int = 32) -> None:
+    """Put every body Linear weight on a GGUF-Q4_1-like grid: 16 evenly spaced levels per block of inputs."""
+    with torch.no_grad():
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and not name.endswith(("lm_head", "classifier")):
+                rows, columns = module.weight.shape
+                blocks = module.weight.view(rows, columns // block, block)
+                low, high = blocks.amin(-1, keepdim=True), blocks.amax(-1, keepdim=True)
+                step = (high - low) / 15
+                blocks.copy_(low + torch.round((blocks - low) / step) * step)
+
+
+def test_quanto_int4_group_size_32_reproduces_weights_already_on_32_blocks(tmp_path):
+    """Like the GGUF Q4_1 teacher: re-quantizing in matching groups loses (almost) nothing; quanto's default
+    group size (64 here: all 64 inputs) does."""
+    model, model_class, _ = build_llama()
+    snap_to_affine_4bit_blocks(model)
+    model.save_pretrained(tmp_path / "fp32")
+    reference = logits(model)
+
+    matching = parse_variant({"backend": "quanto", "weights": "int4", "group_size": 32})
+    default = parse_variant({"backend": "quanto", "weights": "int4"})
+    matched_model = quantize(tmp_path / "fp32", model_class, matching)
+    matched_error = relative_error(logits(matched_model), reference)
+    default_error = relative_error(logits(quantize(tmp_path / "fp32", model_class, default)), reference)
+    assert matched_error < 0.01 < default_error
+
+    save_quantized(matched_model, tmp_path / "int4-g32", matching)
+    assert read_json(tmp_path / "int4-g32" / RECORD_FILE)["group_size"] == 32
+    reloaded = load_quantized(tmp_path / "int4-g32", model_class)
+    torch.testing.assert_close(logits(reloaded), logits(matched_model), rtol=0, atol=1e-6)
+
+
+def test_quanto_group_size_must_divide_the_inputs_and_needs_int4_or_int2(tmp_path):
+    model, model_class, _ = build_llama()
+    model.save_pretrained(tmp_path)
+    with pytest.raises(HfCompressError, match="group_size 48 does not divide the 64 input features of model.layers.0"):
+        quantize(tmp_path, model_class, parse_variant({"backend": "quanto", "weights": "int4", "group_size": 48}))
+    with pytest.raises(HfCompressError, match="group_size only applies to weights: int4 or int2"):
+        parse_variant({"backend": "quanto", "weights": "int8", "group_size": 32})
+    assert variant_name(parse_variant({"backend": "quanto", "weights": "int4", "group_size": 32})) == "quanto-int4-g32"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
 
 from hfcompress.errors import HfCompressError
@@ -93,6 +95,14 @@ def test_resolved_recipe_round_trips(tmp_path):
     recipe = load_recipe(write(tmp_path, GOOD))
     again = write(tmp_path, recipe.to_yaml())
     assert load_recipe(again).to_dict() == recipe.to_dict()
+
+
+@pytest.mark.parametrize("shipped", sorted((Path(__file__).parent.parent / "recipes").glob("*.yaml")), ids=str)
+def test_shipped_recipes_resolve_to_recipes_that_load_again(tmp_path, shipped):
+    """The run folder's recipe.yaml (every option written out, defaults included) must be a valid recipe."""
+    recipe = load_recipe(shipped)
+    again = load_recipe(write(tmp_path, recipe.to_yaml()))
+    assert again.to_dict() == recipe.to_dict()
 
 
 def test_missing_package_reference_is_a_clear_error(tmp_path, tiny_bert_dir, reviews_csv):

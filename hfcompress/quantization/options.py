@@ -39,7 +39,9 @@ class BitsAndBytesOptions(_Variant):
     @model_validator(mode="after")
     def _only_keys_of_this_bit_width(self):
         misplaced = FOUR_BIT_ONLY if self.bits == 8 else EIGHT_BIT_ONLY
-        given = [key for key in misplaced if key in self.model_fields_set]
+        # A key left at its default is harmless (a resolved recipe writes every field): only a set value is misplaced.
+        given = [key for key in misplaced
+                 if key in self.model_fields_set and getattr(self, key) != type(self).model_fields[key].default]
         if given:
             other = 4 if self.bits == 8 else 8
             raise ValueError(f"{', '.join(given)} only applies to bits: {other}")
@@ -53,11 +55,16 @@ class QuantoOptions(_Variant):
     weights: Literal["int8", "int4", "int2"] = "int8"
     activations: Literal["int8"] | None = None
     calibration_batches: int = Field(8, ge=1)
+    # int4/int2: input features per scale and shift. None: quanto's choice (128, or the largest multiple of 32 below
+    # it that divides the layer's inputs). 32 is the block of GGUF's Q4_0/Q4_1, so it re-quantizes those exactly.
+    group_size: int | None = Field(None, ge=8)
     skip_modules: list[str] = Field(default_factory=list)  # kept in full precision, besides the task head
     quantize_embeddings: bool = False
 
     @model_validator(mode="after")
     def _embeddings_unsupported(self):
+        if self.group_size is not None and self.weights == "int8":
+            raise ValueError("group_size only applies to weights: int4 or int2 (int8 weights have one scale per row)")
         if self.quantize_embeddings:
             raise ValueError("optimum-quanto has no quantized Embedding module (it quantizes Linear, Conv2d and "
                              "LayerNorm layers); use backend: bitsandbytes to quantize the embeddings")
@@ -119,5 +126,6 @@ def variant_name(variant) -> str:
         name = "bnb-int8" if variant.bits == 8 else f"bnb-{variant.quant_type}"
         name += "-dq" if variant.bits == 4 and variant.double_quant else ""
     else:
-        name = f"quanto-{variant.weights}" + ("-a8" if variant.activations else "")
+        name = f"quanto-{variant.weights}" + (f"-g{variant.group_size}" if variant.group_size else "")
+        name += "-a8" if variant.activations else ""
     return name + ("-emb" if variant.quantize_embeddings else "")

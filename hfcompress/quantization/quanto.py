@@ -46,6 +46,7 @@ class QuantoBackend(QuantizationBackend):
         skip = task_head_names(model_dir, model_class) + variant.skip_modules
         quantize(model, weights=_qtype(variant.weights), activations=_qtype(variant.activations),
                  exclude=exclude_patterns(skip))
+        set_group_size(model, variant.group_size)
         if variant.activations:
             calibrate(model, itertools.islice(calibration_batches, variant.calibration_batches))
         freeze(model)  # float weights -> stored int weights
@@ -67,7 +68,11 @@ class QuantoBackend(QuantizationBackend):
         record = read_record(path)
         model = empty_model(Path(path), model_class)  # sliced to pruning_structure.json's shapes, if there is one
         state_dict = read_weights(Path(path))
-        requantize(model, state_dict, record["quantization_map"], device=torch.device("cpu"))
+        # requantize builds the quantized modules with quanto's default group size, then loads: build them first,
+        # set the recorded group size, then load the weights.
+        requantize(model, {}, record["quantization_map"], device=torch.device("cpu"))
+        set_group_size(model, record.get("group_size"))
+        model.load_state_dict(state_dict, strict=False)
         _check_nothing_missing(model, state_dict, path)
         model.tie_weights()
         for name in record["float_outputs"]:
@@ -78,6 +83,21 @@ class QuantoBackend(QuantizationBackend):
 def exclude_patterns(modules: list[str]) -> list[str]:
     """quanto matches whole module names (fnmatch): skip each module, its children, and the same name deeper down."""
     return [pattern for name in modules for pattern in (name, f"{name}.*", f"*.{name}", f"*.{name}.*")]
+
+
+def set_group_size(model: nn.Module, group_size: int | None) -> None:
+    """Quantize int4/int2 weights in groups of `group_size` input features (before `freeze`)."""
+    if group_size is None:
+        return
+    from optimum.quanto import QModuleMixin
+
+    for name, module in model.named_modules():
+        if isinstance(module, QModuleMixin) and module.weight_qtype is not None and module.weight_qtype.bits < 8:
+            in_features = module.weight.numel() // module.weight.shape[0]
+            if in_features % group_size:
+                raise HfCompressError(f"quanto group_size {group_size} does not divide the {in_features} input "
+                                      f"features of {name}: choose a divisor, or skip_modules: [{name}]")
+            module.weight_group_size = group_size
 
 
 def calibrate(model: nn.Module, batches: Iterable[dict]) -> None:
