@@ -62,9 +62,13 @@ class QuantoOptions(_Variant):
     quantize_embeddings: bool = False
 
     @model_validator(mode="after")
-    def _embeddings_unsupported(self):
+    def _group_size_needs_int4_or_int2(self):
         if self.group_size is not None and self.weights == "int8":
             raise ValueError("group_size only applies to weights: int4 or int2 (int8 weights have one scale per row)")
+        return self
+
+    @model_validator(mode="after")
+    def _embeddings_unsupported(self):
         if self.quantize_embeddings:
             raise ValueError("optimum-quanto has no quantized Embedding module (it quantizes Linear, Conv2d and "
                              "LayerNorm layers); use backend: bitsandbytes to quantize the embeddings")
