@@ -45,6 +45,12 @@ def _tensor_bytes(tensor: torch.Tensor) -> int:
     return tensor.nelement() * tensor.element_size()
 
 
+def model_device(model) -> torch.device:
+    """Where a model's inputs go: transformers models (and runtime wrappers) say it, other modules by a parameter."""
+    device = getattr(model, "device", None)
+    return torch.device(device) if device is not None else next(model.parameters()).device
+
+
 def synthetic_batch(vocab_size: int, batch_size: int, length: int, device, seed: int = 0) -> dict[str, torch.Tensor]:
     """A fixed random batch of token ids: timing depends on shape, not content."""
     generator = torch.Generator().manual_seed(seed)
@@ -72,7 +78,7 @@ def measure_speed(model, vocab_size: int, length: int, task, warmup: int = 5, it
                   throughput_batch_size: int = 32) -> dict[str, float]:
     """Batch-1 latency (p50/p95) and batch-N throughput at a fixed input length, after warm-up."""
     model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     single = synthetic_batch(vocab_size, 1, length, device)
     latency = time_forward(model, single, warmup, iterations)
     batch = synthetic_batch(vocab_size, throughput_batch_size, length, device)
@@ -94,7 +100,7 @@ def measure_generation(model, tokenizer, prompt: str, max_new_tokens: int) -> di
     """A greedy completion of `prompt`, and the decode speed (ms per new token, tokens/s) after a warm-up."""
     model.eval()
     encoded = tokenizer(prompt, return_tensors="pt", return_token_type_ids=False)
-    inputs = encoded.to(next(model.parameters()).device)
+    inputs = encoded.to(model_device(model))
     settings = {"do_sample": False, "pad_token_id": tokenizer.pad_token_id}
     model.generate(**inputs, max_new_tokens=2, **settings)
     start = time.perf_counter()
