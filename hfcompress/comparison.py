@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 from .errors import HfCompressError, first_line
-from .evaluation import model_device, synthetic_batch
+from .evaluation import model_device, place_on, synthetic_batch
 from .modeling import load_model
 from .recipe import ModelReference
 from .timing import speedups, time_round_robin
@@ -23,7 +23,8 @@ from .timing import speedups, time_round_robin
 logger = logging.getLogger("hfcompress")
 
 
-def load_row_models(run_dir: Path, rows: list[dict], model_class) -> tuple[dict, dict[str, str], dict[str, str]]:
+def load_row_models(run_dir: Path, rows: list[dict], model_class,
+                    device: str | torch.device = "cpu") -> tuple[dict, dict[str, str], dict[str, str]]:
     """Each evaluated checkpoint once (label of its first row -> model), the ones that failed to load (label ->
     reason), and the labels of later rows that evaluated the same checkpoint (label -> first label)."""
     models, failed, aliases, first_label = {}, {}, {}, {}
@@ -38,7 +39,8 @@ def load_row_models(run_dir: Path, rows: list[dict], model_class) -> tuple[dict,
         location = Path(run_dir) / model_dir
         reference = str(location) if location.exists() else model_dir  # else a Hub id or pkg:// (the teacher)
         try:
-            models[row["label"]] = load_model(ModelReference(name_or_path=reference), model_class, row["label"]).eval()
+            model = load_model(ModelReference(name_or_path=reference), model_class, row["label"])
+            models[row["label"]] = place_on(model, device).eval()
         except (HfCompressError, OSError, RuntimeError, ValueError) as error:
             failed[row["label"]] = first_line(error)
             logger.warning("compare: %s cannot be loaded, left out: %s", row["label"], failed[row["label"]])
@@ -108,7 +110,8 @@ def compare_run(run_dir: Path, **options) -> dict:
     results = load_results(run_dir)
     recipe = load_recipe(Path(run_dir) / "recipe.yaml")
     task = make_task(recipe.task)
-    models, failed, aliases = load_row_models(run_dir, results.get("rows", []), task.model_class)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    models, failed, aliases = load_row_models(run_dir, results.get("rows", []), task.model_class, device)
     given = {key: value for key, value in options.items() if value is not None}
     comparison = run_comparison(models, task, CompareOptions(**given), recipe.task.max_length)
     results["comparison"] = {**comparison, "failed": failed, "aliases": aliases}

@@ -51,6 +51,14 @@ def model_device(model) -> torch.device:
     return torch.device(device) if device is not None else next(model.parameters()).device
 
 
+def place_on(model, device):
+    """Move a loaded model to the device it is evaluated on (the accelerator's). Models a loader already placed
+    (bitsandbytes through `device_map`) and runtime wrappers that are no torch modules stay where they are."""
+    if not isinstance(model, torch.nn.Module) or getattr(model, "hf_device_map", None) is not None:
+        return model
+    return model.to(device)
+
+
 def synthetic_batch(vocab_size: int, batch_size: int, length: int, device, seed: int = 0) -> dict[str, torch.Tensor]:
     """A fixed random batch of token ids: timing depends on shape, not content."""
     generator = torch.Generator().manual_seed(seed)

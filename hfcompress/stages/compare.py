@@ -27,7 +27,7 @@ class CompareStage(Stage):
     main_process_only = True
 
     def run(self, ctx: StageContext) -> StageResult:
-        models, failed, aliases = load_row_models(ctx.run_dir, ctx.rows, ctx.task.model_class)
+        models, failed, aliases = load_row_models(ctx.run_dir, ctx.rows, ctx.task.model_class, ctx.accelerator.device)
         comparison = run_comparison(models, ctx.task, self.options, ctx.recipe.task.max_length)
         return StageResult(metrics={"comparison": {**comparison, "failed": failed, "aliases": aliases}})
 
