@@ -51,6 +51,19 @@ def load_model(reference: ModelReference | str, model_class, key: str = "teacher
         raise HfCompressError(f"{key}: cannot load model {reference.name_or_path!r}: {first_line(error)}") from None
 
 
+def load_config(reference: ModelReference | str, key: str = "teacher"):
+    """The model's config, with a one-line error when the reference does not resolve (no weights are loaded)."""
+    reference = ModelReference.model_validate(reference)
+    location = resolve_model_reference(reference.name_or_path, key)
+    kwargs = {"revision": reference.revision} if reference.revision else {}
+    if reference.gguf_file:
+        kwargs["gguf_file"] = reference.gguf_file
+    try:
+        return AutoConfig.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as error:
+        raise HfCompressError(f"{key}: cannot load the config of {reference.name_or_path!r}: {first_line(error)}") from None
+
+
 def load_tokenizer(reference: ModelReference | str, key: str = "teacher"):
     reference = ModelReference.model_validate(reference)
     location = resolve_model_reference(reference.name_or_path, key)

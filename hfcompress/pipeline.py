@@ -22,9 +22,9 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from .data import load_task_data
+from .data import load_task_data, prepare_task_data, source_name
 from .fileio import read_json, write_json, write_text
-from .modeling import convert_gguf_checkpoint, load_tokenizer
+from .modeling import convert_gguf_checkpoint, load_config, load_tokenizer
 from .recipe import ModelReference, Recipe
 from .report import format_table
 from .stages import Stage, StageContext, StageResult, get_stage_class
@@ -51,12 +51,41 @@ def run(recipe: Recipe, output_dir: str | Path | None = None) -> dict:
     configure_logging(run_dir / LOG_FILE, accelerator.is_main_process)
     accelerator.wait_for_everyone()
     logger.info("run %s in %s on %s (%d process(es))", recipe.name, run_dir, accelerator.device, accelerator.num_processes)
+    log_data_report(runner.load_data().report)
     results = runner.run_all()
     if accelerator.is_main_process:
         print(format_table(results))
         logger.info("results in %s", run_dir / RESULTS_FILE)
     accelerator.wait_for_everyone()
     return results
+
+
+def check_sources(recipe: Recipe) -> list[str]:
+    """What `hfcompress validate` checks beyond the recipe itself, without training and without writing a run
+    folder: the teacher resolves (its config and tokenizer load; no weights), and the data loads and passes the
+    checks a run makes before its first stage (columns, incomplete rows, labels, splits). Lines to show."""
+    config = load_config(recipe.teacher)
+    load_tokenizer(recipe.teacher)
+    prepared = prepare_task_data(recipe.task, recipe.seed)
+    report = prepared.report
+    lines = [f"teacher: {recipe.teacher.name_or_path} ({config.model_type}) resolves"]
+    rows = sum(len(split) for split in prepared.raw.values())
+    data = f"data: {source_name(recipe.task)}: {rows} rows"
+    if report.split_sizes:
+        data += "; " + ", ".join(f"{split} {size}" for split, size in report.split_sizes.items())
+    if report.class_counts:
+        data += "; classes " + ", ".join(f"{name!r} {count}" for name, count in report.class_counts.items())
+    lines.append(data)
+    lines += [f"note: {line}" for line in report.notes] + [f"warning: {line}" for line in report.warnings]
+    return lines
+
+
+def log_data_report(report) -> None:
+    """What loading did to the data (rows dropped, warnings), into the run log once logging is set up."""
+    for line in report.notes:
+        logger.info("data: %s", line)
+    for line in report.warnings:
+        logger.warning("data: %s", line)
 
 
 def make_accelerator(mixed_precision: str) -> Accelerator:
@@ -118,6 +147,7 @@ class _Runner:
                 tokenizer = load_tokenizer(self.recipe.teacher)
                 self._data = load_task_data(self.recipe.task, tokenizer, self.recipe.seed)
             self.results["task"]["test_split_size"] = len(self._data["test"])
+            self.results["task"]["data"] = self._data.report.as_dict()
         return self._data
 
     def run_all(self) -> dict:

@@ -68,7 +68,9 @@ class TaskOptions(StrictModel):
     language: str | None = None
     text_column: str = "text"
     label_column: str | None = "label"
-    label_names: list[str] | None = None
+    label_names: list[str] | None = Field(None, min_length=2, description="rows with other labels are dropped")
+    drop_incomplete_rows: bool = Field(True, description="drop (and count) rows with an empty text or label; "
+                                                         "false: refuse the data")
     splits: SplitOptions = Field(default_factory=SplitOptions)
     max_length: int = Field(128, ge=8)
     max_train_samples: int | None = Field(None, ge=1)
