@@ -80,9 +80,13 @@ def _validate(args) -> int:
 
 
 def _report(args) -> int:
-    from .report import format_table, load_results
+    from .report import format_fidelity_table, format_table, load_results
 
-    print(format_table(load_results(args.run_dir)))
+    results = load_results(args.run_dir)
+    print(format_table(results))
+    fidelity = format_fidelity_table(results)
+    if fidelity:
+        print(fidelity)
     return 0
 
 

@@ -26,7 +26,7 @@ from .data import load_task_data, prepare_task_data, source_name
 from .fileio import read_json, write_json, write_text
 from .modeling import convert_gguf_checkpoint, load_config, load_tokenizer
 from .recipe import ModelReference, Recipe
-from .report import format_table
+from .report import format_fidelity_table, format_table
 from .stages import Stage, StageContext, StageResult, get_stage_class
 from .tasks import make_task
 
@@ -55,6 +55,9 @@ def run(recipe: Recipe, output_dir: str | Path | None = None) -> dict:
     results = runner.run_all()
     if accelerator.is_main_process:
         print(format_table(results))
+        fidelity = format_fidelity_table(results)
+        if fidelity:
+            print(fidelity)
         logger.info("results in %s", run_dir / RESULTS_FILE)
     accelerator.wait_for_everyone()
     return results

@@ -5,8 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 from pydantic import Field
 
+from ..fidelity import (
+    ECE_BINS,
+    TOP_K_TOKENS,
+    causal_lm_fidelity,
+    classification_ece,
+    classification_fidelity,
+    expected_calibration_error,
+    load_predictions,
+    per_class_f1,
+    save_predictions,
+)
 from ..evaluation import count_parameters, measure_generation, measure_speed, memory_footprint, size_on_disk
 from ..sources import resolve_model_reference
 from . import register_stage
@@ -39,11 +51,20 @@ class EvaluateStage(Stage):
         return StageResult(metrics=row["metrics"], rows=[row])
 
 
-def evaluation_row(ctx: StageContext, model, folder: str | Path, options: EvaluateOptions, label: str) -> dict:
-    """One results.json row: task metrics on the split, then parameters, size, memory, latency, throughput."""
-    loader = ctx.data.dataloader(options.split, options.per_device_eval_batch_size)
-    metrics = ctx.task.evaluate(model, loader)
+def evaluation_row(ctx: StageContext, model, folder: str | Path, options: EvaluateOptions, label: str,
+                   predictions_name: str = "predictions") -> dict:
+    """One results.json row: task metrics on the split, fidelity to the teacher and to the previous evaluated
+    model, then parameters, size, memory, latency, throughput. The split's outputs are saved next to the metrics
+    (`<predictions_name>.safetensors`) for later rows to compare with."""
+    references = fidelity_references(ctx, options.split)
+    outputs = predict_split(ctx, model, options, references)
+    metrics = ctx.task.score(outputs)
     metrics["split"] = options.split
+    metrics.update(calibration_and_class_scores(ctx, outputs))
+    fidelity = {role: compare_outputs(ctx, reference, outputs, role, options.split)
+                for role, reference in references.items()}
+    predictions_file = Path(ctx.out_dir) / f"{predictions_name}.safetensors"
+    save_predictions(predictions_file, {name: array for name, array in outputs.items() if not name.startswith("at_")})
     metrics["num_parameters"] = count_parameters(model)
     metrics["size_on_disk_bytes"] = size_on_disk(folder)
     metrics["memory_footprint_bytes"] = memory_footprint(model)
@@ -56,7 +77,55 @@ def evaluation_row(ctx: StageContext, model, folder: str | Path, options: Evalua
     if options.generation_prompt and ctx.task.type == "causal-lm":
         metrics.update(measure_generation(model, ctx.tokenizer, options.generation_prompt, options.max_new_tokens))
     model_dir = _inside_run_dir(folder, ctx) or ctx.model.name_or_path
-    return {"label": label, "stage_id": ctx.stage_id, "model_dir": model_dir, "metrics": metrics}
+    return {"label": label, "stage_id": ctx.stage_id, "model_dir": model_dir, "metrics": metrics,
+            "predictions_file": _inside_run_dir(predictions_file, ctx), "fidelity": fidelity}
+
+
+# ---------------------------------------------------------------------------------------------- fidelity
+
+
+def fidelity_references(ctx: StageContext, split: str) -> dict[str, dict]:
+    """The earlier rows to compare with, by role: "teacher" (the row labelled teacher, else the first) and
+    "previous" (the last evaluated model before this stage, the one this model was made from), when they were
+    scored on the same split and saved their outputs. One row may fill both roles."""
+    rows = [row for row in ctx.rows if row.get("predictions_file") and row["metrics"].get("split") == split]
+    if not rows:
+        return {}
+    teacher = next((row for row in rows if row["label"] == "teacher"), rows[0])
+    return {"teacher": teacher, "previous": rows[-1]}
+
+
+def predict_split(ctx: StageContext, model, options: EvaluateOptions, references: dict[str, dict]) -> dict:
+    loader = ctx.data.dataloader(options.split, options.per_device_eval_batch_size)
+    if ctx.task.type != "causal-lm":
+        return ctx.task.predict(model, loader)
+    compare_with = {role: _load_reference(ctx, row)["top_k_indices"] for role, row in references.items()}
+    return ctx.task.predict(model, loader, top_k=TOP_K_TOKENS, compare_with=compare_with)
+
+
+def calibration_and_class_scores(ctx: StageContext, outputs: dict) -> dict:
+    """Expected calibration error (of the predicted class, or of the top-1 next token) and per-class F1."""
+    if ctx.task.type == "causal-lm":
+        confidence = np.exp(outputs["top_k_log_probs"][..., 0].astype(np.float64))
+        ece = expected_calibration_error(confidence, outputs["top_k_indices"][..., 0] == outputs["targets"])
+        return {"ece": ece, "ece_bins": ECE_BINS}
+    names = ctx.data.label_names
+    scores = per_class_f1(outputs["log_probs"].argmax(-1), outputs["labels"], len(names))
+    return {"ece": classification_ece(outputs["log_probs"], outputs["labels"]), "ece_bins": ECE_BINS,
+            "per_class_f1": dict(zip(names, scores))}
+
+
+def compare_outputs(ctx: StageContext, reference_row: dict, outputs: dict, role: str, split: str) -> dict:
+    reference = _load_reference(ctx, reference_row)
+    if ctx.task.type == "causal-lm":
+        compared = causal_lm_fidelity(reference, outputs, f"at_{role}")
+    else:
+        compared = classification_fidelity(reference, outputs, ctx.data.label_names, ctx.data.texts.get(split))
+    return {"label": reference_row["label"], **compared}
+
+
+def _load_reference(ctx: StageContext, row: dict) -> dict:
+    return load_predictions(Path(ctx.run_dir) / row["predictions_file"])
 
 
 def _inside_run_dir(folder, ctx: StageContext) -> str | None:
