@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import DataCollatorWithPadding, default_data_collator
 
 from .errors import HfCompressError
-from .recipe import TaskOptions
+from .recipe import DatasetSource, ExtraEvaluationSet, SplitOptions, TaskOptions
 from .sources import resolve_data_files
 from .splitting import connected_groups, split_indices
 
@@ -33,6 +33,13 @@ class TaskData:
 
     def __getitem__(self, split: str) -> datasets.Dataset:
         return self.splits[split]
+
+    def add_extra_split(self, source: ExtraEvaluationSet) -> str:
+        """Load, check and tokenize an extra evaluation set once, like the test split; the split name it gets."""
+        name = f"extra:{source.display_name}"
+        if name not in self.splits:
+            self.splits[name], self.texts[name] = load_extra_split(self.task, source, self.tokenizer, self.label_names)
+        return name
 
     def dataloader(
         self, split: str, batch_size: int, shuffle: bool = False, seed: int = 0, group_by_length: bool = True
@@ -149,6 +156,30 @@ def prepare_task_data(task: TaskOptions, seed: int) -> PreparedData:
     splits = {name: _limit(task, name, split, seed) for name, split in splits.items()}
     _check_splits(task, splits, label_names, report)
     return PreparedData(raw, splits, label_names, report)
+
+
+def load_extra_split(task: TaskOptions, source: ExtraEvaluationSet, tokenizer, label_names: list[str] | None):
+    """An extra evaluation set: one split of another source with the task's columns, checked like the task's data
+    (incomplete rows and labels outside the task's label set dropped, counted and logged) and tokenized."""
+    dataset = DatasetSource.model_validate(source.model_dump(exclude={"split", "label"}))
+    extra = task.model_copy(update={"dataset": dataset, "label_names": label_names,
+                                    "splits": SplitOptions(train=source.split)})
+    raw = load_raw_dataset(extra)
+    _check_columns(extra, raw)
+    raw = datasets.DatasetDict({source.split: raw[source.split]})
+    if task.type == "causal-lm":
+        return _blocks_dataset(extra, "test", _token_blocks(raw[source.split], extra, tokenizer)), []
+    report = DataReport()
+    raw = _drop_incomplete_rows(extra, raw, report)
+    raw, _ = _encode_labels(extra, raw, report)
+    split = _limit(extra, "test", raw[source.split], seed=0)
+    if len(split) == 0:
+        raise HfCompressError(f"{source_name(extra)}: the extra evaluation set has no rows left to use")
+    for line in report.notes:
+        logger.info("extra evaluation set %s", line)
+    for line in report.warnings:
+        logger.warning("extra evaluation set %s", line)
+    return _tokenize_classification(extra, split, tokenizer), split[task.text_column]
 
 
 def load_raw_dataset(task: TaskOptions) -> datasets.DatasetDict:

@@ -68,6 +68,12 @@ def classification_ece(log_probs: np.ndarray, labels: np.ndarray, num_bins: int 
     return expected_calibration_error(probabilities.max(-1), probabilities.argmax(-1) == np.asarray(labels), num_bins)
 
 
+def causal_lm_ece(outputs: dict, num_bins: int = ECE_BINS) -> float:
+    """Calibration of the most likely next token: its probability against whether it is the actual next token."""
+    confidences = np.exp(outputs["top_k_log_probs"][..., 0].astype(np.float64))
+    return expected_calibration_error(confidences, outputs["top_k_indices"][..., 0] == outputs["targets"], num_bins)
+
+
 def per_class_f1(predictions: np.ndarray, labels: np.ndarray, num_classes: int) -> list[float]:
     """F1 of each class (0 for a class never predicted nor present)."""
     scores = f1_score(labels, predictions, labels=list(range(num_classes)), average=None, zero_division=0)

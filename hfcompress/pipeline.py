@@ -27,6 +27,7 @@ from .fileio import read_json, write_json, write_text
 from .modeling import convert_gguf_checkpoint, load_config, load_tokenizer
 from .recipe import ModelReference, Recipe
 from .report import format_fidelity_table, format_table
+from .sources import resolve_data_files
 from .stages import Stage, StageContext, StageResult, get_stage_class
 from .tasks import make_task
 
@@ -80,6 +81,10 @@ def check_sources(recipe: Recipe) -> list[str]:
         data += "; classes " + ", ".join(f"{name!r} {count}" for name, count in report.class_counts.items())
     lines.append(data)
     lines += [f"note: {line}" for line in report.notes] + [f"warning: {line}" for line in report.warnings]
+    for stage_id, entry in zip(recipe.stage_ids(), recipe.stages):
+        evaluate_options = getattr(entry.options, "evaluate", entry.options)  # quantize evaluates its variants
+        for index, extra in enumerate(getattr(evaluate_options, "extra_datasets", [])):
+            resolve_data_files(extra.data_files, f"stages.{stage_id}.extra_datasets[{index}].data_files")
     return lines
 
 

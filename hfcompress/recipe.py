@@ -45,6 +45,17 @@ class DatasetSource(StrictModel):
         return f"{self.path} files {self.data_files}"
 
 
+class ExtraEvaluationSet(DatasetSource):
+    """A further test set from another source (same text and label columns as the task), scored on its own."""
+
+    split: str = "train"
+    label: str | None = Field(None, description="how reports name it; default: the source")
+
+    @property
+    def display_name(self) -> str:
+        return self.label or self.describe()
+
+
 class SplitOptions(StrictModel):
     """Which source splits to use; missing validation/test splits are carved from train, deterministically."""
 

@@ -128,11 +128,32 @@ def format_fidelity_table(results: dict) -> str:
             f"{' (top-1 next token)' if kl_over else ''}; KL: mean KL(reference || model) in nats"
             f"{f' over the {kl_over}' if kl_over else ''}; r→w / w→r: test examples the reference got right and this "
             f"model gets wrong / the other way round; ECE: expected calibration error, {bins} equal-width bins")
-    lines = [f"fidelity: {len(body)} evaluated model(s)", *_aligned(header, body), note]
+    lines = [f"fidelity and calibration of {len(body)} model(s)", *_aligned(header, body), note]
     examples = _flip_examples(rows)
     if examples:
         lines += ["flipped against the teacher (a few):", *examples]
+    lines += _extra_dataset_tables(rows)
     return "\n".join(lines)
+
+
+def _extra_dataset_tables(rows: list[dict]) -> list[str]:
+    """Per extra evaluation set: each model's quality, calibration and agreement with the teacher on it."""
+    names = list(dict.fromkeys(name for row in rows for name in row.get("extra_datasets", {})))
+    lines = []
+    for name in names:
+        scored = [(row["label"], row["extra_datasets"][name]) for row in rows if name in row.get("extra_datasets", {})]
+        quality = [metric for metric in QUALITY_METRICS if metric in scored[0][1]["metrics"]]
+        causal = "perplexity" in quality
+        header = ["model", *quality, "ECE", "top-1 agree T" if causal else "agree T", "KL T"]
+        body = []
+        for label, entry in scored:
+            m = entry["metrics"]
+            cells = [label, *(_number(m.get(metric), 1, 2 if metric == "perplexity" else 4) for metric in quality),
+                     _number(m.get("ece"), 1, 3)]
+            body.append(cells + _compared_cells(entry.get("fidelity", {}).get("teacher"), causal)[:2])
+        lines += [f"extra evaluation set {name} ({scored[0][1]['metrics'].get('num_examples', '?')} examples):",
+                  *_aligned(header, body)]
+    return lines
 
 
 def _aligned(header: list[str], body: list[list[str]]) -> list[str]:

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
@@ -14,6 +15,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from hfcompress import run
 from hfcompress.fidelity import (
     agreement,
+    causal_lm_ece,
     causal_lm_fidelity,
     classification_ece,
     classification_fidelity,
@@ -57,6 +59,9 @@ def test_expected_calibration_error_by_hand():
     assert expected_calibration_error(np.array([1.0, 0.5]), np.array([1, 0]), num_bins=2) == pytest.approx(0.25)
     log_probs = log(np.array([[0.95, 0.05], [0.05, 0.95], [0.6, 0.4], [0.4, 0.6]]))
     assert classification_ece(log_probs, np.array([0, 0, 0, 1]), num_bins=10) == pytest.approx(0.425)
+    tokens = {"top_k_log_probs": log(np.array([[[0.95, 0.01], [0.95, 0.01], [0.6, 0.3], [0.6, 0.3]]])).astype(np.float16),
+              "top_k_indices": np.array([[[7, 1], [7, 1], [2, 3], [4, 3]]]), "targets": np.array([[7, 5, 2, 4]])}
+    assert causal_lm_ece(tokens, num_bins=10) == pytest.approx(0.425, abs=1e-3)  # float16 log-probs
 
 
 def test_per_class_f1():
@@ -104,7 +109,12 @@ def test_evaluate_saves_outputs_and_compares_each_model_with_the_teacher_and_the
         tmp_path, tokenizer, reviews_csv):
     # large random weights: the untrained teacher's predictions vary with the input, so fine-tuning flips some
     teacher_dir = save_tiny_bert(tmp_path / "teacher", tokenizer, seed=1, initializer_range=0.5)
-    quick = {"measure_speed": False}
+    other = pd.DataFrame({"text": ["A triumph.", "Dreadful from start to finish.", "", "Two hours of plot summary.",
+                                   "Warm, funny and wise.", "I wanted my money back."],
+                          "category": ["fresh", "rotten", "fresh", "plot", "fresh", "rotten"]})
+    other.to_csv(tmp_path / "other.csv", index=False)
+    quick = {"measure_speed": False,
+             "extra_datasets": [{"path": "csv", "data_files": str(tmp_path / "other.csv"), "label": "other"}]}
     recipe = classification_recipe(teacher_dir, reviews_csv, tmp_path / "run", stages=[
         {"evaluate": {"label": "teacher", **quick}},
         {"finetune": {"max_steps": 6, "per_device_train_batch_size": 16, "learning_rate": 1e-3}},
@@ -136,7 +146,19 @@ def test_evaluate_saves_outputs_and_compares_each_model_with_the_teacher_and_the
     assert half["fidelity"]["teacher"]["label"] == "teacher"
     assert half["fidelity"]["previous"]["agreement"] > 0.9 and half["fidelity"]["previous"]["kl"] < 0.01
 
+    # the extra set: the empty text and the "plot" row are dropped; scored and compared like the test split
+    extra = {row["label"]: row["extra_datasets"]["other"] for row in results["rows"]}
+    assert extra["teacher"]["metrics"]["num_examples"] == 4 and extra["teacher"]["fidelity"] == {}
+    extra_outputs = {label: load_predictions(tmp_path / "run" / entry["predictions_file"]) for label, entry in extra.items()}
+    np.testing.assert_array_equal(extra_outputs["teacher"]["labels"], [1, 0, 1, 0])  # fresh=1, rotten=0
+    for label, entry in extra.items():
+        right = extra_outputs[label]["log_probs"].argmax(-1) == extra_outputs[label]["labels"]
+        assert entry["metrics"]["accuracy"] == pytest.approx(right.mean())
+    assert extra["02-finetune"]["fidelity"]["teacher"]["agreement"] == pytest.approx(np.mean(
+        extra_outputs["teacher"]["log_probs"].argmax(-1) == extra_outputs["02-finetune"]["log_probs"].argmax(-1)))
+
     table = format_fidelity_table(results)
+    assert "extra evaluation set other (4 examples):" in table
     assert "agree T" in table and "15 equal-width bins" in table
     finetuned_line = table.splitlines()[4].split()
     assert finetuned_line[:4] == ["02-finetune", f"{finetuned['metrics']['ece']:.3f}",
