@@ -12,7 +12,9 @@ accelerator's device. Without CUDA (and without --dry-run) it stops at once with
 from __future__ import annotations
 
 import argparse
+import json
 import platform
+import shlex
 import subprocess
 import sys
 import time
@@ -64,7 +66,8 @@ def overrides_for(recipe_path: Path, settings: dict, mixed_precision: str | None
     for index, stage in enumerate(stages):
         (name, _), = stage.items()
         for key, value in _flatten(settings.get(name, {})):
-            overrides.append(f"stages.{index}.{name}.{key}={value}")
+            text = json.dumps(value) if isinstance(value, str) else value  # "no" stays a string, not YAML's false
+            overrides.append(f"stages.{index}.{name}.{key}={text}")
     return overrides
 
 
@@ -108,7 +111,8 @@ def run_recipe(name: str, output_root: Path, dry_run: bool) -> str:
     results = hfcompress.run(load_recipe(recipe_path, overrides), output_dir=run_dir)
     seconds = time.perf_counter() - started
     stage_times = ", ".join(f"{stage['id']} {stage['seconds']:.0f} s" for stage in results["stages"])
-    command = f"hfcompress run recipes/{name}.yaml --output-dir {run_dir} " + " ".join(f"--set {o}" for o in overrides)
+    command = (f"hfcompress run recipes/{name}.yaml --output-dir {run_dir} "
+               + " ".join(f"--set {shlex.quote(o)}" for o in overrides))
     return "\n".join([f"# {name}: {seconds:.0f} s in all ({stage_times})", f"command: {command}",
                       format_table(results), ""])
 

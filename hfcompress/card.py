@@ -235,6 +235,7 @@ def card_body(run: Run, teacher: Teacher, repo_id: str | None, plot_file: str | 
         _introduction(run, teacher, repo_id),
         _lineage(run, teacher),
         _results(run, plot_file),
+        _fidelity(run),
         _generations(run),
         _usage(run, repo_id),
         _recipe(run),
@@ -361,6 +362,43 @@ def _stage_speed(run: Run):
     note = (f"latency (median, batch 1) and throughput measured on {device}, each model in its own stage: on a "
             "shared machine such timings taken minutes apart can differ by tens of percent.")
     return ["latency p50", f"throughput ({reference.get('throughput_unit', '/s')})"], cells, note
+
+
+def _fidelity(run: Run) -> str | None:
+    """How far each evaluated model's outputs are from the teacher's, next to its quality (see hfcompress.fidelity)."""
+    compared_rows = [row for row in run.rows if row.get("fidelity", {}).get("teacher")]
+    if not compared_rows:
+        return None
+    rows = [row for row in run.rows if row in compared_rows or "ece" in row["metrics"]]
+    metric = _quality_metrics(run)[0]
+    causal = "top1_agreement" in compared_rows[0]["fidelity"]["teacher"]
+    header = ["model", metric, "top-1 token agreement" if causal else "agreement", "KL (nats)",
+              *([] if causal else ["right → wrong", "wrong → right"]), "ECE"]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for row in rows:
+        compared, m = row.get("fidelity", {}).get("teacher"), row["metrics"]
+        if compared is None:  # the teacher itself
+            compared_cells = ["–"] * (2 if causal else 4)
+        else:
+            compared_cells = [f"{100 * compared['top1_agreement' if causal else 'agreement']:.1f}%", f"{compared['kl']:.4f}",
+                              *([] if causal else [str(compared["right_to_wrong"]), str(compared["wrong_to_right"])])]
+        cells = [f"`{row['label']}`", _format_metric(metric, m[metric]) if m.get(metric) is not None else "–",
+                 *compared_cells, f"{m['ece']:.3f}" if m.get("ece") is not None else "–"]
+        lines.append("| " + " | ".join(cells) + " |")
+    teacher = compared_rows[0]["fidelity"]["teacher"]["label"]
+    final = run.final_row if run.final_row in compared_rows else compared_rows[-1]
+    kl_over = final["fidelity"]["teacher"].get("kl_over")
+    lines += ["", f"Against `{teacher}` on the {final['metrics'].get('split', 'test')} split: agreement is the share "
+              f"of {'token positions with the same most likely next token' if causal else 'examples with the same prediction'}"
+              f", KL the mean KL(teacher ‖ model){f' over the {kl_over}' if kl_over else ''}"
+              + ("" if causal else ", right → wrong the test examples the teacher got right and the model gets wrong")
+              + f"; ECE is the expected calibration error ({final['metrics'].get('ece_bins', '?')} bins)."]
+    changes = final["fidelity"]["teacher"].get("f1_change")
+    per_class = final["metrics"].get("per_class_f1")
+    if changes and per_class:
+        listed = ", ".join(f"{name} {score:.3f} ({changes.get(name, 0):+.3f})" for name, score in per_class.items())
+        lines += ["", f"F1 per class of `{final['label']}` (change against `{teacher}`): {listed}."]
+    return "## Fidelity to the teacher\n\n" + "\n".join(lines)
 
 
 def _cell(value, reference, formatter) -> str:

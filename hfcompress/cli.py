@@ -21,8 +21,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE",
                      help="override a recipe value, e.g. --set stages.0.finetune.max_steps=20")
 
-    validate = commands.add_parser("validate", help="check a recipe without running anything")
+    validate = commands.add_parser("validate", help="check a recipe and its sources (teacher, data) without "
+                                                    "training or writing anything")
     validate.add_argument("recipe")
+    validate.add_argument("--recipe-only", action="store_true", help="check the recipe alone, not the teacher and data")
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
 
     report = commands.add_parser("report", help="print the stage-by-stage table of a finished run")
@@ -76,14 +78,22 @@ def _validate(args) -> int:
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    if not args.recipe_only:
+        from .pipeline import check_sources
+
+        print("\n".join(check_sources(recipe)))
     print(f"{args.recipe}: ok ({len(recipe.stages)} stages: {', '.join(recipe.stage_ids())})")
     return 0
 
 
 def _report(args) -> int:
-    from .report import format_table, load_results
+    from .report import format_fidelity_table, format_table, load_results
 
-    print(format_table(load_results(args.run_dir)))
+    results = load_results(args.run_dir)
+    print(format_table(results))
+    fidelity = format_fidelity_table(results)
+    if fidelity:
+        print(fidelity)
     return 0
 
 

@@ -37,8 +37,9 @@ def model_class_for(path: str | Path):
     return AutoModel
 
 
-def load_model(reference: ModelReference | str, model_class, key: str = "teacher", **kwargs):
-    """Load a model reference (Hub id, folder, pkg://) with a one-line error when it cannot be resolved."""
+def _load(loader, reference: ModelReference | str, key: str, what: str, **kwargs):
+    """`loader(location, **kwargs)` for a model reference (Hub id, folder, pkg://; revision, GGUF file), with a
+    one-line error naming `key` when it cannot be resolved or loaded."""
     reference = ModelReference.model_validate(reference)
     location = resolve_model_reference(reference.name_or_path, key)
     if reference.revision:
@@ -46,21 +47,24 @@ def load_model(reference: ModelReference | str, model_class, key: str = "teacher
     if reference.gguf_file:
         kwargs["gguf_file"] = reference.gguf_file
     try:
-        return from_pretrained(location, model_class, **kwargs)
+        return loader(location, **kwargs)
     except (OSError, ValueError) as error:
-        raise HfCompressError(f"{key}: cannot load model {reference.name_or_path!r}: {first_line(error)}") from None
+        raise HfCompressError(f"{key}: cannot load {what} {reference.name_or_path!r}: {first_line(error)}") from None
+
+
+def load_model(reference: ModelReference | str, model_class, key: str = "teacher", **kwargs):
+    """Load a model reference (Hub id, folder, pkg://) with a one-line error when it cannot be resolved."""
+    return _load(lambda location, **options: from_pretrained(location, model_class, **options), reference, key,
+                 "model", **kwargs)
+
+
+def load_config(reference: ModelReference | str, key: str = "teacher"):
+    """The model's config, with a one-line error when the reference does not resolve (no weights are loaded)."""
+    return _load(AutoConfig.from_pretrained, reference, key, "the config of")
 
 
 def load_tokenizer(reference: ModelReference | str, key: str = "teacher"):
-    reference = ModelReference.model_validate(reference)
-    location = resolve_model_reference(reference.name_or_path, key)
-    kwargs = {"revision": reference.revision} if reference.revision else {}
-    if reference.gguf_file:
-        kwargs["gguf_file"] = reference.gguf_file
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-    except (OSError, ValueError) as error:
-        raise HfCompressError(f"{key}: cannot load tokenizer {reference.name_or_path!r}: {first_line(error)}") from None
+    tokenizer = _load(AutoTokenizer.from_pretrained, reference, key, "tokenizer")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer

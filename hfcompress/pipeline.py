@@ -22,11 +22,12 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 
-from .data import load_task_data
+from .data import load_task_data, prepare_task_data, source_name
 from .fileio import read_json, write_json, write_text
-from .modeling import convert_gguf_checkpoint, load_tokenizer
+from .modeling import convert_gguf_checkpoint, load_config, load_tokenizer
 from .recipe import ModelReference, Recipe
-from .report import format_table
+from .report import format_fidelity_table, format_table
+from .sources import resolve_data_files
 from .stages import Stage, StageContext, StageResult, get_stage_class
 from .tasks import make_task
 
@@ -51,12 +52,48 @@ def run(recipe: Recipe, output_dir: str | Path | None = None) -> dict:
     configure_logging(run_dir / LOG_FILE, accelerator.is_main_process)
     accelerator.wait_for_everyone()
     logger.info("run %s in %s on %s (%d process(es))", recipe.name, run_dir, accelerator.device, accelerator.num_processes)
+    log_data_report(runner.load_data().report)
     results = runner.run_all()
     if accelerator.is_main_process:
         print(format_table(results))
+        fidelity = format_fidelity_table(results)
+        if fidelity:
+            print(fidelity)
         logger.info("results in %s", run_dir / RESULTS_FILE)
     accelerator.wait_for_everyone()
     return results
+
+
+def check_sources(recipe: Recipe) -> list[str]:
+    """What `hfcompress validate` checks beyond the recipe itself, without training and without writing a run
+    folder: the teacher resolves (its config and tokenizer load; no weights), and the data loads and passes the
+    checks a run makes before its first stage (columns, incomplete rows, labels, splits). Lines to show."""
+    config = load_config(recipe.teacher)
+    load_tokenizer(recipe.teacher)
+    prepared = prepare_task_data(recipe.task, recipe.seed)
+    report = prepared.report
+    lines = [f"teacher: {recipe.teacher.name_or_path} ({config.model_type}) resolves"]
+    rows = sum(len(split) for split in prepared.raw.values())
+    data = f"data: {source_name(recipe.task)}: {rows} rows"
+    if report.split_sizes:
+        data += "; " + ", ".join(f"{split} {size}" for split, size in report.split_sizes.items())
+    if report.class_counts:
+        data += "; classes " + ", ".join(f"{name!r} {count}" for name, count in report.class_counts.items())
+    lines.append(data)
+    lines += [f"note: {line}" for line in report.notes] + [f"warning: {line}" for line in report.warnings]
+    for stage_id, entry in zip(recipe.stage_ids(), recipe.stages):
+        evaluate_options = getattr(entry.options, "evaluate", entry.options)  # quantize evaluates its variants
+        for index, extra in enumerate(getattr(evaluate_options, "extra_datasets", [])):
+            resolve_data_files(extra.data_files, f"stages.{stage_id}.extra_datasets[{index}].data_files")
+    return lines
+
+
+def log_data_report(report) -> None:
+    """What loading did to the data (rows dropped, warnings), into the run log once logging is set up."""
+    for line in report.notes:
+        logger.info("data: %s", line)
+    for line in report.warnings:
+        logger.warning("data: %s", line)
 
 
 def make_accelerator(mixed_precision: str) -> Accelerator:
@@ -118,14 +155,18 @@ class _Runner:
                 tokenizer = load_tokenizer(self.recipe.teacher)
                 self._data = load_task_data(self.recipe.task, tokenizer, self.recipe.seed)
             self.results["task"]["test_split_size"] = len(self._data["test"])
+            self.results["task"]["data"] = self._data.report.as_dict()
         return self._data
 
     def run_all(self) -> dict:
-        fingerprint = _hash({"task": self.recipe.task.model_dump(mode="json"), "teacher": self.recipe.teacher.model_dump(),
+        # Options left at their defaults are not hashed: a new option with a default keeps finished stages valid.
+        fingerprint = _hash({"task": self.recipe.task.model_dump(mode="json", exclude_defaults=True),
+                             "teacher": self.recipe.teacher.model_dump(exclude_defaults=True),
                              "seed": self.recipe.seed})
         current = self._teacher_checkpoint()
         for stage_id, entry in zip(self.recipe.stage_ids(), self.recipe.stages):
-            fingerprint = _hash({"previous": fingerprint, "stage": entry.name, "options": entry.options.model_dump(mode="json")})
+            options = entry.options.model_dump(mode="json", exclude_defaults=True)
+            fingerprint = _hash({"previous": fingerprint, "stage": entry.name, "options": options})
             stage_class = get_stage_class(entry.name)
             record = self._finished(stage_id, fingerprint) or self._run_stage(
                 stage_class(entry.options), stage_id, fingerprint, current

@@ -45,6 +45,17 @@ class DatasetSource(StrictModel):
         return f"{self.path} files {self.data_files}"
 
 
+class ExtraEvaluationSet(DatasetSource):
+    """A further test set from another source (same text and label columns as the task), scored on its own."""
+
+    split: str = "train"
+    label: str | None = Field(None, description="how reports name it; default: the source")
+
+    @property
+    def display_name(self) -> str:
+        return self.label or self.describe()
+
+
 class SplitOptions(StrictModel):
     """Which source splits to use; missing validation/test splits are carved from train, deterministically."""
 
@@ -68,7 +79,9 @@ class TaskOptions(StrictModel):
     language: str | None = None
     text_column: str = "text"
     label_column: str | None = "label"
-    label_names: list[str] | None = None
+    label_names: list[str] | None = Field(None, min_length=2, description="rows with other labels are dropped")
+    drop_incomplete_rows: bool = Field(True, description="drop (and count) rows with an empty text or label; "
+                                                         "false: refuse the data")
     splits: SplitOptions = Field(default_factory=SplitOptions)
     max_length: int = Field(128, ge=8)
     max_train_samples: int | None = Field(None, ge=1)

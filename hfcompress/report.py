@@ -92,12 +92,7 @@ def format_table(results: dict) -> str:
     header, body = table_rows(results)
     if not header:
         return f"{results.get('name', 'run')}: no evaluated models yet (add an `evaluate` stage)"
-    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *body)]
-    lines = [
-        "  ".join(str(cell).ljust(width) for cell, width in zip(header, widths)),
-        "  ".join("-" * width for width in widths),
-        *("  ".join(str(cell).ljust(width) for cell, width in zip(cells, widths)) for cells in body),
-    ]
+    lines = _aligned(header, body)
     return "\n".join([f"{results.get('name', 'run')}: {len(body)} evaluated model(s)", *lines, timing_note(results)])
 
 
@@ -127,3 +122,107 @@ def _ratio(numerator, denominator, percent: bool = False) -> str:
     if not numerator or not denominator:
         return "-"
     return f"{100 * numerator / denominator:.1f}%" if percent else f"{numerator / denominator:.2f}"
+
+
+# ---------------------------------------------------------------------------------------------- fidelity
+
+
+def fidelity_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+    """Per evaluated model: its calibration, then agreement, KL and flips against the teacher and against the
+    previous evaluated model (the one it was made from); per-class F1 with its change against the teacher."""
+    rows = [row for row in results.get("rows", []) if "ece" in row["metrics"]]
+    if not rows:
+        return [], []
+    causal = any("top1_agreement" in compared for row in rows for compared in row.get("fidelity", {}).values())
+    compared_columns = ["top-1 agree", "KL"] if causal else ["agree", "KL", "r→w", "w→r"]
+    header = ["model", "ECE", *(f"{name} T" for name in compared_columns),
+              *(f"{name} prev" for name in compared_columns)]
+    if not causal:
+        header.append("F1 per class (change vs T)")
+    body = []
+    for row in rows:
+        fidelity = row.get("fidelity", {})
+        cells = [row["label"], _number(row["metrics"]["ece"], 1, 3)]
+        for role in ("teacher", "previous"):
+            cells += _compared_cells(fidelity.get(role), causal)
+        if not causal:
+            cells.append(_per_class_cell(row["metrics"].get("per_class_f1", {}), fidelity.get("teacher")))
+        body.append(cells)
+    return header, body
+
+
+def _compared_cells(compared: dict | None, causal: bool) -> list[str]:
+    if causal:
+        return ["-", "-"] if compared is None else [f"{100 * compared['top1_agreement']:.1f}%", f"{compared['kl']:.4f}"]
+    if compared is None:
+        return ["-"] * 4
+    return [f"{100 * compared['agreement']:.1f}%", f"{compared['kl']:.4f}", str(compared["right_to_wrong"]),
+            str(compared["wrong_to_right"])]
+
+
+def _per_class_cell(per_class: dict, against_teacher: dict | None) -> str:
+    changes = (against_teacher or {}).get("f1_change", {})
+    return ", ".join(f"{name} {score:.3f}" + (f" ({changes[name]:+.3f})" if name in changes else "")
+                     for name, score in per_class.items())
+
+
+def format_fidelity_table(results: dict) -> str:
+    """The fidelity table, a note saying what each column is, and a few flipped examples with their text."""
+    header, body = fidelity_rows(results)
+    if not header:
+        return ""
+    rows = [row for row in results["rows"] if "ece" in row["metrics"]]
+    bins = rows[0]["metrics"].get("ece_bins", "?")
+    kl_over = next((c.get("kl_over") for row in rows for c in row.get("fidelity", {}).values() if c.get("kl_over")), None)
+    note = (f"on the {rows[0]['metrics'].get('split', 'test')} split, against T: the teacher (the row labelled "
+            f"teacher, else the first) and prev: the model evaluated before this one's stage; agree: same prediction"
+            f"{' (top-1 next token)' if kl_over else ''}; KL: mean KL(reference || model) in nats"
+            f"{f' over the {kl_over}' if kl_over else ''}; r→w / w→r: test examples the reference got right and this "
+            f"model gets wrong / the other way round; ECE: expected calibration error, {bins} equal-width bins")
+    lines = [f"fidelity and calibration of {len(body)} model(s)", *_aligned(header, body), note]
+    examples = _flip_examples(rows)
+    if examples:
+        lines += ["flipped against the teacher (a few):", *examples]
+    lines += _extra_dataset_tables(rows)
+    return "\n".join(lines)
+
+
+def _extra_dataset_tables(rows: list[dict]) -> list[str]:
+    """Per extra evaluation set: each model's quality, calibration and agreement with the teacher on it."""
+    names = list(dict.fromkeys(name for row in rows for name in row.get("extra_datasets", {})))
+    lines = []
+    for name in names:
+        scored = [(row["label"], row["extra_datasets"][name]) for row in rows if name in row.get("extra_datasets", {})]
+        quality = [metric for metric in QUALITY_METRICS if metric in scored[0][1]["metrics"]]
+        causal = "perplexity" in quality
+        header = ["model", *quality, "ECE", "top-1 agree T" if causal else "agree T", "KL T"]
+        body = []
+        for label, entry in scored:
+            m = entry["metrics"]
+            cells = [label, *(_number(m.get(metric), 1, 2 if metric == "perplexity" else 4) for metric in quality),
+                     _number(m.get("ece"), 1, 3)]
+            body.append(cells + _compared_cells(entry.get("fidelity", {}).get("teacher"), causal)[:2])
+        lines += [f"extra evaluation set {name} ({scored[0][1]['metrics'].get('num_examples', '?')} examples):",
+                  *_aligned(header, body)]
+    return lines
+
+
+def _aligned(header: list[str], body: list[list[str]]) -> list[str]:
+    widths = [max(len(str(cell)) for cell in column) for column in zip(header, *body)]
+    return [
+        "  ".join(str(cell).ljust(width) for cell, width in zip(header, widths)),
+        "  ".join("-" * width for width in widths),
+        *("  ".join(str(cell).ljust(width) for cell, width in zip(cells, widths)) for cells in body),
+    ]
+
+
+def _flip_examples(rows: list[dict], per_model: int = 2) -> list[str]:
+    lines = []
+    for row in rows:
+        examples = row.get("fidelity", {}).get("teacher", {}).get("examples", [])
+        for direction in ("right_to_wrong", "wrong_to_right"):
+            for example in [e for e in examples if e["flip"] == direction][:per_model]:
+                lines.append(f"  {row['label']}: {direction.replace('_to_', '→')}: {example['text']!r} "
+                             f"(label {example['label']}, teacher {example['reference']}, "
+                             f"this model {example['prediction']})")
+    return lines

@@ -261,3 +261,21 @@ def test_local_teacher_card_gives_license_and_base_model_only_when_unambiguous(t
     assert (card.data.base_model, card.data.license) == (base_model, license)
     assert card.data.to_dict().get("base_model_relation") == ("finetune" if base_model else None)
     assert "- teacher: `<local path>/acme-base`" in card.text
+
+
+def test_card_summarizes_fidelity_to_the_teacher_next_to_accuracy(tmp_path):
+    rows = classification_rows()
+    rows[0]["metrics"].update(ece=0.025, ece_bins=15)
+    for row, agreement, kl, flips in ((rows[1], 0.95, 0.021, (20, 12)), (rows[2], 0.93, 0.034, (26, 11))):
+        row["metrics"].update(ece=0.031, ece_bins=15, per_class_f1={"rotten": 0.81, "fresh": 0.86})
+        row["fidelity"] = {"teacher": {"label": "teacher", "agreement": agreement, "kl": kl,
+                                       "right_to_wrong": flips[0], "wrong_to_right": flips[1],
+                                       "f1_change": {"rotten": -0.02, "fresh": -0.01}, "examples": []}}
+    run_dir = write_fake_run(tmp_path / "run", results=classification_results(rows=rows), final_files=BNB_8BIT)
+    text = build_model_card(run_dir).text
+    assert "## Fidelity to the teacher" in text
+    assert "| `teacher` | 0.8600 | – | – | – | – | 0.025 |" in text
+    assert "| `student` | 0.8400 | 95.0% | 0.0210 | 20 | 12 | 0.031 |" in text
+    assert "| `int8` | 0.8300 | 93.0% | 0.0340 | 26 | 11 | 0.031 |" in text
+    assert "(15 bins)" in text
+    assert "F1 per class of `int8` (change against `teacher`): rotten 0.810 (-0.020), fresh 0.860 (-0.010)." in text

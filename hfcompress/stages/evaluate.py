@@ -8,6 +8,18 @@ from typing import Literal
 from pydantic import Field
 
 from ..evaluation import count_parameters, measure_generation, measure_speed, memory_footprint, place_on, size_on_disk
+from ..fidelity import (
+    ECE_BINS,
+    TOP_K_TOKENS,
+    causal_lm_ece,
+    causal_lm_fidelity,
+    classification_ece,
+    classification_fidelity,
+    load_predictions,
+    per_class_f1,
+    save_predictions,
+)
+from ..recipe import ExtraEvaluationSet
 from ..sources import resolve_model_reference
 from . import register_stage
 from .base import Stage, StageContext, StageOptions, StageResult
@@ -22,6 +34,9 @@ class EvaluateOptions(StageOptions):
     timing_warmup: int = Field(5, ge=0)
     timing_iterations: int = Field(30, ge=1)
     throughput_batch_size: int = Field(32, ge=1)
+    extra_datasets: list[ExtraEvaluationSet] = Field(
+        default_factory=list, description="more test sets (any datasets source with the task's columns), e.g. "
+                                          "from another domain, each scored and compared like the test split")
     generation_prompt: str | None = Field(None, description="causal LM: a greedy completion to show and time")
     max_new_tokens: int = Field(32, ge=1)
 
@@ -39,12 +54,15 @@ class EvaluateStage(Stage):
         return StageResult(metrics=row["metrics"], rows=[row])
 
 
-def evaluation_row(ctx: StageContext, model, folder: str | Path, options: EvaluateOptions, label: str) -> dict:
-    """One results.json row: task metrics on the split, then parameters, size, memory, latency, throughput."""
+def evaluation_row(ctx: StageContext, model, folder: str | Path, options: EvaluateOptions, label: str,
+                   predictions_name: str = "predictions") -> dict:
+    """One results.json row: task metrics on the split, fidelity to the teacher and to the previous evaluated
+    model, then parameters, size, memory, latency, throughput; the same quality and fidelity numbers on each extra
+    evaluation set. Each set's outputs are saved next to the metrics (`<predictions_name>*.safetensors`) for later
+    rows to compare with."""
     model = place_on(model, ctx.accelerator.device)
-    loader = ctx.data.dataloader(options.split, options.per_device_eval_batch_size)
-    metrics = ctx.task.evaluate(model, loader)
-    metrics["split"] = options.split
+    main = evaluate_split(ctx, model, options, options.split, None, Path(ctx.out_dir) / f"{predictions_name}.safetensors")
+    metrics = main["metrics"]
     metrics["num_parameters"] = count_parameters(model)
     metrics["size_on_disk_bytes"] = size_on_disk(folder)
     metrics["memory_footprint_bytes"] = memory_footprint(model)
@@ -56,8 +74,79 @@ def evaluation_row(ctx: StageContext, model, folder: str | Path, options: Evalua
         )
     if options.generation_prompt and ctx.task.type == "causal-lm":
         metrics.update(measure_generation(model, ctx.tokenizer, options.generation_prompt, options.max_new_tokens))
+    extra = {}
+    for index, source in enumerate(options.extra_datasets):
+        split = ctx.data.add_extra_split(source)
+        extra[source.display_name] = evaluate_split(
+            ctx, model, options, split, source.display_name,
+            Path(ctx.out_dir) / f"{predictions_name}-extra{index}.safetensors")
     model_dir = _inside_run_dir(folder, ctx) or ctx.model.name_or_path
-    return {"label": label, "stage_id": ctx.stage_id, "model_dir": model_dir, "metrics": metrics}
+    row = {"label": label, "stage_id": ctx.stage_id, "model_dir": model_dir, **main}
+    if extra:
+        row["extra_datasets"] = extra
+    return row
+
+
+# ---------------------------------------------------------------------------------------------- fidelity
+
+
+def evaluate_split(ctx: StageContext, model, options: EvaluateOptions, split: str, extra_name: str | None,
+                   predictions_file: Path) -> dict:
+    """Metrics, calibration and fidelity of the model on one split (`extra_name`: an extra evaluation set), and
+    where its outputs were saved."""
+    references = fidelity_references(ctx, options.split, extra_name)
+    outputs = predict_split(ctx, model, split, options.per_device_eval_batch_size, references)
+    metrics = {**ctx.task.score(outputs), "split": split if extra_name is None else extra_name}
+    metrics.update(calibration_and_class_scores(ctx, outputs))
+    fidelity = {role: compare_outputs(ctx, reference, outputs, role, split) for role, reference in references.items()}
+    save_predictions(predictions_file, {name: array for name, array in outputs.items() if not name.startswith("at_")})
+    return {"metrics": metrics, "predictions_file": _inside_run_dir(predictions_file, ctx), "fidelity": fidelity}
+
+
+def fidelity_references(ctx: StageContext, split: str, extra_name: str | None = None) -> dict[str, dict]:
+    """The earlier outputs to compare with, by role: "teacher" (the row labelled teacher, else the first) and
+    "previous" (the last evaluated model before this stage, the one this model was made from), among the rows
+    scored on the same split (and extra set) that saved their outputs. One row may fill both roles."""
+    rows = [row for row in ctx.rows if row["metrics"].get("split") == split]
+    if extra_name is not None:
+        rows = [{"label": row["label"], **row["extra_datasets"][extra_name]}
+                for row in rows if extra_name in row.get("extra_datasets", {})]
+    rows = [row for row in rows if row.get("predictions_file")]
+    if not rows:
+        return {}
+    teacher = next((row for row in rows if row["label"] == "teacher"), rows[0])
+    return {"teacher": teacher, "previous": rows[-1]}
+
+
+def predict_split(ctx: StageContext, model, split: str, batch_size: int, references: dict[str, dict]) -> dict:
+    loader = ctx.data.dataloader(split, batch_size)
+    if ctx.task.type != "causal-lm":
+        return ctx.task.predict(model, loader)
+    compare_with = {role: _load_reference(ctx, row)["top_k_indices"] for role, row in references.items()}
+    return ctx.task.predict(model, loader, top_k=TOP_K_TOKENS, compare_with=compare_with)
+
+
+def calibration_and_class_scores(ctx: StageContext, outputs: dict) -> dict:
+    """Expected calibration error (of the predicted class, or of the top-1 next token) and per-class F1."""
+    if ctx.task.type == "causal-lm":
+        return {"ece": causal_lm_ece(outputs), "ece_bins": ECE_BINS}
+    names = ctx.data.label_names
+    scores = per_class_f1(outputs["log_probs"].argmax(-1), outputs["labels"], len(names))
+    return {"ece": classification_ece(outputs["log_probs"], outputs["labels"]), "ece_bins": ECE_BINS,
+            "per_class_f1": dict(zip(names, scores))}
+
+
+def compare_outputs(ctx: StageContext, reference_row: dict, outputs: dict, role: str, split: str) -> dict:
+    reference = _load_reference(ctx, reference_row)
+    if ctx.task.type == "causal-lm":
+        compared = causal_lm_fidelity(reference, outputs, f"at_{role}")
+    else:
+        compared = classification_fidelity(reference, outputs, ctx.data.label_names, ctx.data.texts.get(split))
+    return {"label": reference_row["label"], **compared}
+
+
+def _load_reference(ctx: StageContext, row: dict) -> dict:
+    return load_predictions(Path(ctx.run_dir) / row["predictions_file"])
 
 
 def _inside_run_dir(folder, ctx: StageContext) -> str | None:

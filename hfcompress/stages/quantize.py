@@ -75,7 +75,8 @@ class QuantizeStage(Stage):
         folder = ctx.out_dir / name
         save_quantized(model, folder, variant)
         ctx.tokenizer.save_pretrained(folder)
-        return evaluation_row(ctx, model, folder, self.options.evaluate, f"{ctx.stage_id}/{name}")
+        return evaluation_row(ctx, model, folder, self.options.evaluate, f"{ctx.stage_id}/{name}",
+                              predictions_name=f"predictions-{name}")
 
     def _input_quality(self, ctx: StageContext) -> float:
         """The input model's task metric on the same split the variants are scored on."""
