@@ -95,11 +95,25 @@ def load_task_data(task: TaskOptions, tokenizer, seed: int) -> TaskData:
     _check_columns(task, raw)
     if task.type == "causal-lm":
         return TaskData(task, tokenizer, _causal_lm_splits(task, raw, tokenizer))
-    raw, label_names = _encode_labels(task, raw)
-    splits = _choose_splits(task, raw, seed)
-    splits = {name: _limit(task, name, split, seed) for name, split in splits.items()}
+    splits, label_names = _classification_splits(task, raw, seed)
     tokenized = {name: _tokenize_classification(task, split, tokenizer) for name, split in splits.items()}
     return TaskData(task, tokenizer, tokenized, label_names)
+
+
+def load_split_texts(task: TaskOptions, split: str, seed: int) -> list[str]:
+    """A classification split's texts, whole (not truncated), in the order `load_task_data` gives its examples."""
+    if task.type == "causal-lm":
+        raise HfCompressError("load_split_texts: causal-lm splits are token blocks, not texts")
+    raw = load_raw_dataset(task)
+    _check_columns(task, raw)
+    splits, _ = _classification_splits(task, raw, seed)
+    return list(splits[split][task.text_column])
+
+
+def _classification_splits(task: TaskOptions, raw: datasets.DatasetDict, seed: int):
+    raw, label_names = _encode_labels(task, raw)
+    splits = _choose_splits(task, raw, seed)
+    return {name: _limit(task, name, split, seed) for name, split in splits.items()}, label_names
 
 
 def load_raw_dataset(task: TaskOptions) -> datasets.DatasetDict:
