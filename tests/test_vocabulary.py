@@ -24,6 +24,7 @@ from transformers import (
 
 from hfcompress import from_pretrained, run
 from hfcompress.data import load_split_texts, load_task_data
+from hfcompress.distillation import TeacherOnStudentVocabulary, student_to_teacher_ids, teacher_for_student
 from hfcompress.errors import HfCompressError
 from hfcompress.pruning import prune_vocabulary
 from hfcompress.quantization.bnb_embeddings import quantize_input_embeddings
@@ -234,6 +235,25 @@ def test_unigram_sentencepiece_style_keeps_outputs(reviews, tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(AutoModelForCausalLM.from_pretrained(tmp_path)(**inputs).logits,
                                    model(**inputs).logits)
+
+
+# --------------------------------------------------------------------------------------------- distillation
+
+
+def test_a_full_vocabulary_teacher_reads_the_pruned_students_ids(byte_level_bpe, tokenizer, reviews):
+    teacher = tiny_gpt2(byte_level_bpe)
+    _, pruned = prune_vocabulary(tiny_gpt2(byte_level_bpe), byte_level_bpe, reviews["train"][:30])
+    wrapped = teacher_for_student(teacher, byte_level_bpe, pruned, GPT2Config(vocab_size=len(pruned)))
+    assert isinstance(wrapped, TeacherOnStudentVocabulary)
+    kept = kept_old_ids(byte_level_bpe, pruned)
+    text = fully_kept(reviews["train"][:30], byte_level_bpe, kept)[0]
+    with torch.no_grad():
+        through_student_ids = wrapped(input_ids=pruned(text, return_tensors="pt")["input_ids"]).logits
+        own_ids = teacher(byte_level_bpe(text, return_tensors="pt")["input_ids"]).logits
+    torch.testing.assert_close(through_student_ids, own_ids[..., kept])  # token-level KD over the student's tokens
+    assert teacher_for_student(teacher, byte_level_bpe, byte_level_bpe, teacher.config) is teacher
+    with pytest.raises(HfCompressError, match="student's vocabulary .* is not part of the teacher's"):
+        student_to_teacher_ids(tokenizer, pruned)
 
 
 # --------------------------------------------------------------------------------------------- the stage

@@ -74,7 +74,8 @@ class StudentOptions(StrictModel):
 
 
 class DistillOptions(TrainingOptions):
-    teacher: str | None = Field(None, description='None: the current model; "teacher", "previous" or a stage id')
+    teacher: str | None = Field(None, description='None: the current model; "teacher", "previous", a stage id, or '
+                                                  'a model outside the run (a Hub id, folder or pkg://, with a "/")')
     student: StudentOptions = Field(default_factory=StudentOptions)
     loss: DistillationLossOptions = Field(default_factory=DistillationLossOptions)
     cache_teacher_outputs: bool = Field(True, description="run the teacher once over the training set, not every step")
@@ -124,6 +125,8 @@ class DistillStage(Stage):
         if name == "previous":
             earlier = [ref for ref in ctx.models.values() if ref != ctx.model]
             return earlier[-1] if earlier else ctx.model
+        if name is not None and "/" in name and name not in ctx.models:  # stage ids have no "/"
+            return ModelReference(name_or_path=name)
         return ctx.model_reference(name, f"stages.{ctx.stage_id}.distill.teacher")
 
     def _student(self, ctx: StageContext, teacher, teacher_tokenizer):
