@@ -133,9 +133,8 @@ class _Runner:
         return self._data_by_vocabulary[key]
 
     def load_tokenizer(self, reference: ModelReference):
-        """The tokenizer saved with a model (stages save one next to every checkpoint); the teacher's otherwise."""
-        folder = Path(reference.name_or_path)
-        if reference == self.recipe.teacher or not (folder / "tokenizer_config.json").is_file():
+        """A model's own tokenizer (stages save one next to every checkpoint they write)."""
+        if reference == self.recipe.teacher:
             return self.load_data().tokenizer
         if reference.name_or_path not in self._tokenizers:
             self._tokenizers[reference.name_or_path] = load_tokenizer(reference)

@@ -309,6 +309,14 @@ def test_stage_prunes_from_the_training_split_and_later_stages_use_the_new_ids(t
     assert from_pretrained(tmp_path / "run" / "03-distill").config.vocab_size == len(kept)
 
 
+def test_a_student_built_from_the_full_teacher_after_vocabulary_pruning_is_refused(tmp_path, tiny_bert_dir, reviews_csv):
+    stages = [{"prune": {"vocabulary": {}}}, {"distill": {"teacher": "teacher", "student": {"num_layers": 1}}}]
+    recipe = parse_recipe(classification_recipe(tiny_bert_dir, reviews_csv, tmp_path / "run", stages=stages))
+    with pytest.raises(HfCompressError, match=r"stages.02-distill.distill.student: a student built from the teacher "
+                                              r"has the teacher's vocabulary \(30522 tokens\), but the current model's"):
+        run(recipe)
+
+
 def test_stage_on_a_causal_lm_heals_from_the_full_vocabulary_teacher(tmp_path, tokenizer):
     config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=128,

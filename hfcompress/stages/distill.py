@@ -161,7 +161,6 @@ class DistillStage(Stage):
         return cache
 
 
-
 def _check_built_from_teacher(ctx: StageContext, teacher_tokenizer) -> None:
     """A student made from the teacher's layers or config has the teacher's vocabulary: the data must use it too."""
     teacher_size, data_size = len(teacher_tokenizer.get_vocab()), len(ctx.tokenizer.get_vocab())
