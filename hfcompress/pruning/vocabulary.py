@@ -69,7 +69,7 @@ def select_vocabulary(tokenizer, counts: Counter, min_frequency: int = 1, keep_t
         kept |= {token_id for token_id in _config_token_ids(config) if 0 <= token_id < size}
     tokens_of = {token_id: token for token, token_id in vocabulary.items()}
     kept_tokens = {tokens_of[token_id] for token_id in kept}
-    kept_tokens |= _required_tokens(spec["model"], spec, kept_tokens, vocabulary)
+    kept_tokens |= _required_tokens(spec, kept_tokens, vocabulary)
     return sorted(vocabulary[token] for token in kept_tokens)
 
 
@@ -172,9 +172,9 @@ def _config_token_ids(config) -> list[int]:
     return ids
 
 
-def _required_tokens(model: dict, spec: dict, kept_tokens: set[str], vocabulary: dict[str, int]) -> set[str]:
+def _required_tokens(spec: dict, kept_tokens: set[str], vocabulary: dict[str, int]) -> set[str]:
     """Tokens the tokenizer needs so every text stays encodable and every kept BPE token can still form."""
-    required = set()
+    model, required = spec["model"], set()
     if model["type"] == "Unigram":
         if model.get("unk_id") is not None:
             required.add(model["vocab"][model["unk_id"]][0])
