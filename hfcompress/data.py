@@ -182,6 +182,13 @@ def load_extra_split(task: TaskOptions, source: ExtraEvaluationSet, tokenizer, l
     return _tokenize_classification(extra, split, tokenizer), split[task.text_column]
 
 
+def load_split_texts(task: TaskOptions, split: str, seed: int) -> list[str]:
+    """A classification split's texts, whole (not truncated), in the order `load_task_data` gives its examples."""
+    if task.type == "causal-lm":
+        raise HfCompressError("load_split_texts: causal-lm splits are token blocks, not texts")
+    return list(prepare_task_data(task, seed).splits[split][task.text_column])
+
+
 def load_raw_dataset(task: TaskOptions) -> datasets.DatasetDict:
     source = task.dataset
     data_files = resolve_data_files(source.data_files)

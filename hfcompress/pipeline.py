@@ -138,6 +138,8 @@ class _Runner:
         self.recipe, self.run_dir, self.accelerator = recipe, run_dir, accelerator
         self.task = make_task(recipe.task)
         self._data = None
+        self._data_by_vocabulary = {}
+        self._tokenizers = {}
         self.models: dict[str, ModelReference] = {"teacher": recipe.teacher}
         self.results = {
             "name": recipe.name,
@@ -149,14 +151,32 @@ class _Runner:
             "environment": environment(accelerator),
         }
 
-    def load_data(self):
+    def load_data(self, reference: ModelReference | None = None):
+        """The task data tokenized by the teacher's tokenizer, or by `reference`'s when its vocabulary differs
+        (after vocabulary pruning): same splits and example order, other token ids."""
         if self._data is None:
             with self.accelerator.main_process_first():
                 tokenizer = load_tokenizer(self.recipe.teacher)
                 self._data = load_task_data(self.recipe.task, tokenizer, self.recipe.seed)
             self.results["task"]["test_split_size"] = len(self._data["test"])
             self.results["task"]["data"] = self._data.report.as_dict()
-        return self._data
+        tokenizer = self.load_tokenizer(reference) if reference is not None else self._data.tokenizer
+        vocabulary = tokenizer.get_vocab()
+        if vocabulary == self._data.tokenizer.get_vocab():
+            return self._data
+        key = _hash(sorted(vocabulary.items()))
+        if key not in self._data_by_vocabulary:
+            with self.accelerator.main_process_first():
+                self._data_by_vocabulary[key] = load_task_data(self.recipe.task, tokenizer, self.recipe.seed)
+        return self._data_by_vocabulary[key]
+
+    def load_tokenizer(self, reference: ModelReference):
+        """A model's own tokenizer (stages save one next to every checkpoint they write)."""
+        if reference == self.recipe.teacher:
+            return self.load_data().tokenizer
+        if reference.name_or_path not in self._tokenizers:
+            self._tokenizers[reference.name_or_path] = load_tokenizer(reference)
+        return self._tokenizers[reference.name_or_path]
 
     def run_all(self) -> dict:
         # Options left at their defaults are not hashed: a new option with a default keeps finished stages valid.
@@ -219,6 +239,7 @@ class _Runner:
         ctx = StageContext(
             recipe=self.recipe, stage_id=stage_id, accelerator=accelerator, task=self.task, run_dir=self.run_dir,
             out_dir=partial, model=current, models=dict(self.models), load_data=self.load_data,
+            load_tokenizer=self.load_tokenizer,
             rows=list(self.results["rows"]),
         )
         started = time.perf_counter()

@@ -4,6 +4,7 @@
     student, layer_map = student_from_config(teacher.config, {"num_hidden_layers": 4, "hidden_size": 256},
                                              AutoModelForSequenceClassification)            # randomly initialised
     check_same_vocabulary(teacher_tokenizer, student_tokenizer, teacher.config, student.config)
+    teacher = teacher_for_student(teacher, teacher_tokenizer, student_tokenizer, student.config)  # pruned vocabulary
 
     loss_fn = DistillationLoss.from_configs({"weights": {"kl": 0.5, "ce": 0.5, "hidden_mse": 1.0}},
                                             student.config, teacher.config, layer_map)
@@ -25,6 +26,7 @@ from .teacher_cache import (
     cached_teacher_logits,
     teacher_fingerprint,
 )
+from .vocabulary_map import TeacherOnStudentVocabulary, student_to_teacher_ids, teacher_for_student
 
 __all__ = [
     "LOSSES",
@@ -33,6 +35,7 @@ __all__ = [
     "DistillationLossOptions",
     "LossInputs",
     "TeacherCache",
+    "TeacherOnStudentVocabulary",
     "cache_teacher_logits",
     "cached_teacher_logits",
     "check_same_vocabulary",
@@ -42,7 +45,9 @@ __all__ = [
     "soft_target_kl",
     "student_from_config",
     "student_from_layers",
+    "student_to_teacher_ids",
     "teacher_fingerprint",
+    "teacher_for_student",
     "top_k_soft_target_kl",
     "transformer_layers",
     "uniform_layer_map",

@@ -7,6 +7,7 @@ attributes the attention forward reads, rewrites the config, and saves checkpoin
     prune_heads(model, select_heads(scores, sparsity=0.3))         # {layer: [head, ...]}
     prune_ffn(model, select_ffn(ffn_importance(model, method="magnitude"), sparsity=0.2, scope="uniform"))
     prune_layers(model, select_layers(layer_importance(model, calibration_batches), drop=2))
+    model, tokenizer = prune_vocabulary(model, tokenizer, training_texts, min_frequency=1)   # embedding rows
     save_pruned(model, "out/")                                     # + pruning_structure.json when needed
     model = load_pruned("out/", AutoModelForSequenceClassification)
 
@@ -19,6 +20,7 @@ from .importance import ffn_importance, head_importance, layer_importance
 from .selection import select_ffn, select_heads, select_layers
 from .structure import STRUCTURE_FILE, layer_shapes, needs_structure_record, structure_record
 from .surgery import prune_ffn, prune_heads, prune_layers
+from .vocabulary import prune_vocabulary
 
 __all__ = [
     "ADAPTERS",
@@ -34,6 +36,7 @@ __all__ = [
     "prune_ffn",
     "prune_heads",
     "prune_layers",
+    "prune_vocabulary",
     "save_pruned",
     "select_ffn",
     "select_heads",

@@ -11,7 +11,7 @@ from typing import Any, ClassVar
 
 from pydantic import BaseModel, ConfigDict
 
-from ..data import batch_to_model_inputs
+from ..data import batch_to_model_inputs, load_task_data
 from ..errors import HfCompressError
 from ..modeling import load_model, save_checkpoint
 from ..recipe import ModelReference, Recipe
@@ -42,16 +42,25 @@ class StageContext:
     out_dir: Path
     model: ModelReference  # the current model: the teacher, or the last model-producing stage's folder
     models: dict[str, ModelReference]  # "teacher" and every earlier model-producing stage id
-    load_data: Callable[[], Any]
+    load_data: Callable[[ModelReference], Any]  # the task data, tokenized by that model's tokenizer
+    load_tokenizer: Callable[[ModelReference], Any]
     rows: list[dict[str, Any]] = field(default_factory=list)
 
     @cached_property
     def data(self):
-        return self.load_data()
+        """The task data as the current model reads it (a pruned vocabulary has its own token ids)."""
+        return self.load_data(self.model)
 
     @property
     def tokenizer(self):
         return self.data.tokenizer
+
+    def tokenizer_for(self, reference: ModelReference):
+        return self.load_tokenizer(reference)
+
+    def data_with_tokenizer(self, tokenizer):
+        """The task data (same splits) tokenized by another tokenizer, e.g. one a stage just rewrote."""
+        return load_task_data(self.recipe.task, tokenizer, self.recipe.seed)
 
     @property
     def is_main_process(self) -> bool:

@@ -22,9 +22,11 @@ from ..distillation import (
     distillation_compute_loss,
     student_from_config,
     student_from_layers,
+    teacher_for_student,
     teacher_fingerprint,
     uniform_layer_map,
 )
+from ..errors import HfCompressError
 from ..modeling import load_tokenizer
 from ..recipe import ModelReference, StrictModel
 from ..sources import resolve_model_reference
@@ -72,7 +74,8 @@ class StudentOptions(StrictModel):
 
 
 class DistillOptions(TrainingOptions):
-    teacher: str | None = Field(None, description='None: the current model; "teacher", "previous" or a stage id')
+    teacher: str | None = Field(None, description='None: the current model; "teacher", "previous", a stage id, or '
+                                                  'a model outside the run (a Hub id, folder or pkg://, with a "/")')
     student: StudentOptions = Field(default_factory=StudentOptions)
     loss: DistillationLossOptions = Field(default_factory=DistillationLossOptions)
     cache_teacher_outputs: bool = Field(True, description="run the teacher once over the training set, not every step")
@@ -95,9 +98,12 @@ class DistillStage(Stage):
         options = self.options
         teacher_reference = self._teacher_reference(ctx)
         teacher = ctx.load_model(teacher_reference)
-        student, layer_map = self._student(ctx, teacher)
+        teacher_tokenizer = ctx.tokenizer_for(teacher_reference)
+        student, layer_map = self._student(ctx, teacher, teacher_tokenizer)
         loss = DistillationLoss.from_configs(options.loss, student.config, teacher.config, layer_map)
         loss.prepare_models(student, teacher)
+        # A student with a pruned vocabulary reads other ids than its teacher: the teacher reads them mapped back.
+        teacher = teacher_for_student(teacher, teacher_tokenizer, ctx.tokenizer, student.config)
         teacher.requires_grad_(False).eval().to(ctx.accelerator.device)  # never wrapped for gradients
 
         if options.cache_teacher_outputs and not (loss.needs_hidden_states or loss.needs_attentions):
@@ -119,10 +125,14 @@ class DistillStage(Stage):
         if name == "previous":
             earlier = [ref for ref in ctx.models.values() if ref != ctx.model]
             return earlier[-1] if earlier else ctx.model
+        if name is not None and "/" in name and name not in ctx.models:  # stage ids have no "/"
+            return ModelReference(name_or_path=name)
         return ctx.model_reference(name, f"stages.{ctx.stage_id}.distill.teacher")
 
-    def _student(self, ctx: StageContext, teacher):
+    def _student(self, ctx: StageContext, teacher, teacher_tokenizer):
         spec = self.options.student
+        if not spec.is_current_model and spec.pretrained is None:
+            _check_built_from_teacher(ctx, teacher_tokenizer)
         if spec.layers is not None or spec.num_layers is not None:
             return student_from_layers(teacher, spec.layers, spec.num_layers, spec.strategy)
         if spec.config_overrides is not None:
@@ -134,7 +144,7 @@ class DistillStage(Stage):
         reference = ModelReference(name_or_path=spec.pretrained) if spec.pretrained else ctx.model
         student = ctx.load_model(reference)
         student_tokenizer = load_tokenizer(reference, f"stages.{ctx.stage_id}.distill.student")
-        check_same_vocabulary(ctx.tokenizer, student_tokenizer, teacher.config, student.config)
+        check_same_vocabulary(ctx.tokenizer, student_tokenizer)
         # Evenly spaced: a pruned student's blocks keep their order but not their original indices.
         return student, uniform_layer_map(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
 
@@ -150,3 +160,12 @@ class DistillStage(Stage):
         logger.info("%s: teacher outputs cached in %s", ctx.stage_id, path)
         return cache
 
+
+def _check_built_from_teacher(ctx: StageContext, teacher_tokenizer) -> None:
+    """A student made from the teacher's layers or config has the teacher's vocabulary: the data must use it too."""
+    teacher_size, data_size = len(teacher_tokenizer.get_vocab()), len(ctx.tokenizer.get_vocab())
+    if teacher_tokenizer.get_vocab() != ctx.tokenizer.get_vocab():
+        raise HfCompressError(
+            f"stages.{ctx.stage_id}.distill.student: a student built from the teacher has the teacher's vocabulary "
+            f"({teacher_size} tokens), but the current model's has {data_size} (pruned): build the student before "
+            "pruning the vocabulary")

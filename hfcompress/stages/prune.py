@@ -1,5 +1,6 @@
 """`prune`: remove whole layers, attention heads and FFN neurons, chosen by measured importance (or at random,
-as the control that importance must beat). Recovery is the next stage in the recipe: a short finetune or distill.
+as the control that importance must beat), and the vocabulary entries the training split never uses.
+Recovery is the next stage in the recipe: a short finetune or distill.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ from typing import Literal
 import torch
 from pydantic import Field, model_validator
 
-from ..evaluation import count_parameters
+from ..data import load_split_texts
+from ..evaluation import count_parameters, size_on_disk
 from ..pruning import (
     ffn_importance,
     head_importance,
@@ -26,7 +28,9 @@ from ..pruning import (
     select_heads,
     select_layers,
 )
+from ..pruning.vocabulary import apply_vocabulary, check_same_pieces, count_tokens, select_vocabulary, unknown_rate
 from ..recipe import StrictModel
+from ..sources import resolve_model_reference
 from . import register_stage
 from .base import Stage, StageContext, StageOptions, StageResult
 
@@ -59,10 +63,19 @@ class LayerBudget(StrictModel):
     method: Literal["block_influence", "loss"] = "block_influence"
 
 
+class VocabularyBudget(StrictModel):
+    """Keep the tokens of the training split (never validation or test), special tokens and `keep`."""
+
+    min_frequency: int = Field(1, ge=1, description="occurrences in the training split a token needs to stay")
+    keep_top: int = Field(0, ge=0, description="also keep the lowest ids (base characters, most frequent merges)")
+    keep: list[str] = Field(default_factory=list, description="tokens kept whatever their frequency")
+
+
 class PruneOptions(StageOptions):
     layers: LayerBudget | None = None
     heads: HeadBudget | None = None
     ffn: FfnBudget | None = None
+    vocabulary: VocabularyBudget | None = None
     selection: Literal["importance", "random"] = "importance"
     seed: int | None = Field(None, description="random selection: its seed (default: the recipe's)")
     calibration_samples: int = Field(256, ge=1)
@@ -70,8 +83,8 @@ class PruneOptions(StageOptions):
 
     @model_validator(mode="after")
     def _something_to_prune(self):
-        if not (self.layers or self.heads or self.ffn):
-            raise ValueError("give at least one of `layers`, `heads`, `ffn`")
+        if not (self.layers or self.heads or self.ffn or self.vocabulary):
+            raise ValueError("give at least one of `layers`, `heads`, `ffn`, `vocabulary`")
         return self
 
 
@@ -85,7 +98,9 @@ class PruneStage(Stage):
     def run(self, ctx: StageContext) -> StageResult:
         options = self.options
         model = ctx.load_model()
-        batches = ctx.calibration_batches(options.calibration_samples, options.calibration_batch_size)
+        structural = options.layers or options.heads or options.ffn
+        batches = ctx.calibration_batches(options.calibration_samples, options.calibration_batch_size) \
+            if structural and options.selection == "importance" else []
         seed = ctx.recipe.seed if options.seed is None else options.seed
         chooser = _RandomChoice(seed) if options.selection == "random" else None
         before = count_parameters(model)
@@ -99,19 +114,60 @@ class PruneStage(Stage):
         if options.ffn:
             removed["ffn"] = self._prune_ffn(model, batches, chooser)
         model.zero_grad(set_to_none=True)
+        tokenizer, vocabulary = ctx.tokenizer, None
+        if options.vocabulary:
+            tokenizer, vocabulary = self._prune_vocabulary(ctx, model)
         if ctx.is_main_process:
             save_pruned(model, ctx.out_dir)
-            ctx.tokenizer.save_pretrained(ctx.out_dir)
+            tokenizer.save_pretrained(ctx.out_dir)
         after = count_parameters(model)
         logger.info("%s: %d -> %d parameters (%.1f%% removed)", ctx.stage_id, before, after, 100 * (1 - after / before))
         return StageResult(metrics={
             "parameters_before": before,
             "parameters_after": after,
+            "size_on_disk_before": size_on_disk(resolve_model_reference(ctx.model.name_or_path)),
+            "size_on_disk_after": size_on_disk(ctx.out_dir),
             "removed": {kind: _counts(kind, value) for kind, value in removed.items()},
+            **({"vocabulary": vocabulary} if vocabulary else {}),
             "layer_shapes": [dataclasses.asdict(shape) for shape in layer_shapes(model)],
             "loader": "hfcompress.from_pretrained" if needs_structure_record(model) else "transformers",
             "selection": options.selection,
         })
+
+    def _prune_vocabulary(self, ctx: StageContext, model):
+        """Keep the tokens of the training split; measure on the test split how many tokens become unknown."""
+        budget = self.options.vocabulary
+        old_data, old_tokenizer = ctx.data, ctx.tokenizer
+        train_ids = old_data["train"]["input_ids"]
+        causal = ctx.task.type == "causal-lm"
+        if causal:  # blocks cut from one token stream: every training token is in them
+            counted = train_ids
+        else:  # whole texts: a word cut by truncation must keep all its pieces, or it would re-segment
+            texts = load_split_texts(ctx.recipe.task, "train", ctx.recipe.seed)
+            counted = old_tokenizer(texts, add_special_tokens=False)["input_ids"]
+        kept = select_vocabulary(old_tokenizer, count_tokens(counted), budget.min_frequency, budget.keep_top,
+                                 budget.keep, model.config)
+        tokenizer = apply_vocabulary(model, old_tokenizer, kept)
+        new_data = ctx.data_with_tokenizer(tokenizer)
+        checked = check_same_pieces(train_ids, new_data["train"]["input_ids"], kept, contiguous=causal)
+        kept_set = set(kept)
+        test_ids = old_data["test"]["input_ids"]
+        test_tokens = sum(len(ids) for ids in test_ids)
+        metrics = {
+            "tokens_before": len(old_tokenizer.get_vocab()),
+            "tokens_kept": len(kept),
+            "train_sequences_unchanged": checked,
+            "train_sequences": len(train_ids),
+            "test_tokens_pruned": sum(t not in kept_set for ids in test_ids for t in ids) / max(1, test_tokens),
+            "test_unknown_rate_before": unknown_rate(test_ids, old_tokenizer),
+            "test_unknown_rate_after": unknown_rate(new_data["test"]["input_ids"], tokenizer),
+            "test_tokens_before": test_tokens,
+            "test_tokens_after": sum(len(ids) for ids in new_data["test"]["input_ids"]),
+        }
+        logger.info("%s: vocabulary %d -> %d tokens; test tokens that became unknown: %s -> %s", ctx.stage_id,
+                    metrics["tokens_before"], len(kept), metrics["test_unknown_rate_before"],
+                    metrics["test_unknown_rate_after"])
+        return tokenizer, metrics
 
     def _prune_heads(self, model, batches, chooser) -> dict[int, list[int]]:
         budget = self.options.heads
