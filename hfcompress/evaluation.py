@@ -19,8 +19,19 @@ def size_on_disk(folder: str | Path) -> int | None:
     return sum(path.stat().st_size for path in folder.rglob("*") if path.suffix in WEIGHT_SUFFIXES)
 
 
-def count_parameters(model: torch.nn.Module) -> int:
-    """Logical parameter count; packed 4-bit weights count as the matrix they stand for."""
+def model_device(model) -> torch.device:
+    """Where the model's inputs go: its first parameter's device, or the `device` of a runtime that has no
+    parameters (an ONNX Runtime model)."""
+    if not isinstance(model, torch.nn.Module):
+        return model.device
+    return next(model.parameters()).device
+
+
+def count_parameters(model: torch.nn.Module) -> int | None:
+    """Logical parameter count; packed 4-bit weights count as the matrix they stand for. An ONNX Runtime model
+    reports the count of the model it was exported from."""
+    if not isinstance(model, torch.nn.Module):
+        return model.num_parameters()
     total = 0
     for parameter in model.parameters():
         quant_state = getattr(parameter, "quant_state", None)
@@ -32,8 +43,10 @@ def memory_footprint(model: torch.nn.Module) -> int:
     """Bytes of parameters and buffers in memory, quantized storage counted at its real width.
 
     Like transformers' `get_memory_footprint`, except for tensor subclasses that keep their data in inner tensors
-    (quanto's int weights), which that counts as if they were float.
+    (quanto's int weights), which that counts as if they were float. An ONNX Runtime model: its initializers.
     """
+    if not isinstance(model, torch.nn.Module):
+        return model.get_memory_footprint()
     tensors = {id(tensor): tensor for tensor in [*model.parameters(), *model.buffers()]}  # tied weights once
     return sum(_tensor_bytes(tensor) for tensor in tensors.values())
 
@@ -72,7 +85,7 @@ def measure_speed(model, vocab_size: int, length: int, task, warmup: int = 5, it
                   throughput_batch_size: int = 32) -> dict[str, float]:
     """Batch-1 latency (p50/p95) and batch-N throughput at a fixed input length, after warm-up."""
     model.eval()
-    device = next(model.parameters()).device
+    device = model_device(model)
     single = synthetic_batch(vocab_size, 1, length, device)
     latency = time_forward(model, single, warmup, iterations)
     batch = synthetic_batch(vocab_size, throughput_batch_size, length, device)
@@ -94,7 +107,7 @@ def measure_generation(model, tokenizer, prompt: str, max_new_tokens: int) -> di
     """A greedy completion of `prompt`, and the decode speed (ms per new token, tokens/s) after a warm-up."""
     model.eval()
     encoded = tokenizer(prompt, return_tensors="pt", return_token_type_ids=False)
-    inputs = encoded.to(next(model.parameters()).device)
+    inputs = encoded.to(model_device(model))
     settings = {"do_sample": False, "pad_token_id": tokenizer.pad_token_id}
     model.generate(**inputs, max_new_tokens=2, **settings)
     start = time.perf_counter()

@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from .data import TaskData, batch_to_model_inputs
+from .evaluation import model_device
 from .metrics import load_metric
 from .recipe import TaskOptions
 
@@ -110,7 +111,7 @@ def _no_gather(tensors):
 
 
 def _on_device(dataloader, model):
-    device = next(model.parameters()).device
+    device = model_device(model)
     for batch in dataloader:
         yield {key: value.to(device) for key, value in batch.items()}
 
