@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".onnx")
+ONNX_EXTERNAL_DATA = ".onnx.data"  # the weights of an ONNX graph over 2 GB, beside model.onnx
 
 
 def size_on_disk(folder: str | Path) -> int | None:
@@ -16,7 +17,8 @@ def size_on_disk(folder: str | Path) -> int | None:
     folder = Path(folder)
     if not folder.is_dir():
         return None
-    return sum(path.stat().st_size for path in folder.rglob("*") if path.suffix in WEIGHT_SUFFIXES)
+    return sum(path.stat().st_size for path in folder.rglob("*")
+               if path.suffix in WEIGHT_SUFFIXES or path.name.endswith(ONNX_EXTERNAL_DATA))
 
 
 def model_device(model) -> torch.device:

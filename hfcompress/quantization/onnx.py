@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from ..errors import HfCompressError
 from ..evaluation import count_parameters
-from .base import QuantizationBackend, load_full_precision, write_record
+from .base import QuantizationBackend, load_full_precision, task_head_names, write_record
 from .options import OnnxOptions
 
 logger = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ class OnnxBackend(QuantizationBackend):
         if variant.quantization == "int8-static" and calibration_batches is None:
             raise HfCompressError("onnx int8-static needs calibration batches, none given")
         exported, num_parameters, config = _export_once(Path(model_dir), model_class)
+        keep_float = task_head_names(Path(model_dir), model_class)  # classifier / lm_head / score stay float32
         work = Path(tempfile.mkdtemp(prefix="hfcompress-onnx-"))
         graph, record = exported, {"num_parameters": num_parameters, "bits": _bits(variant)}
         try:
@@ -59,12 +60,13 @@ class OnnxBackend(QuantizationBackend):
             if variant.quantization == "none":
                 shutil.copyfile(graph, target)
             elif variant.quantization == "int8-dynamic":
-                quantize_int8_dynamic(graph, target, variant.per_channel)
+                quantize_int8_dynamic(graph, target, variant.per_channel, keep_float)
             elif variant.quantization == "int8-static":
                 batches = itertools.islice(calibration_batches, variant.calibration_batches)
-                quantize_int8_static(graph, target, batches, variant.per_channel, variant.calibration_method)
+                quantize_int8_static(graph, target, batches, variant.per_channel, variant.calibration_method,
+                                     keep_float)
             else:
-                quantize_int4(graph, target, variant.block_size, variant.accuracy_level)
+                quantize_int4(graph, target, variant.block_size, variant.accuracy_level, keep_float)
             model = runtime_class(target, config, num_parameters)
         except HfCompressError as error:
             shutil.rmtree(work, ignore_errors=True)
@@ -81,6 +83,52 @@ class OnnxBackend(QuantizationBackend):
     def load(self, path: Path, model_class):
         self.require_package()
         return ort_class_for(model_class).from_pretrained(path)
+
+
+def export_checkpoint(source: str | Path, output_dir: str | Path, quantization: str = "none",
+                      optimize: bool = True) -> Path:
+    """`hfcompress export`: a checkpoint folder (or a run directory's final checkpoint) as an ONNX checkpoint with
+    its tokenizer in `output_dir`, written beside it first and renamed into place when complete."""
+    from transformers import AutoTokenizer
+
+    from ..modeling import model_class_for
+    from .options import parse_variant
+
+    folder, output_dir = full_precision_checkpoint(Path(source)), Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise HfCompressError(f"{output_dir}: the output directory exists and is not empty")
+    variant = parse_variant({"backend": "onnx", "quantization": quantization, "optimize": optimize})
+    model = OnnxBackend().quantize(folder, model_class_for(folder), variant)
+    partial = output_dir.with_name(output_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    OnnxBackend().save(model, partial, variant)
+    try:
+        AutoTokenizer.from_pretrained(str(folder)).save_pretrained(partial)
+    except (OSError, ValueError):
+        logger.warning("%s: no tokenizer to copy beside the ONNX graph", folder)
+    if output_dir.exists():
+        output_dir.rmdir()
+    partial.rename(output_dir)
+    return output_dir
+
+
+def full_precision_checkpoint(path: Path) -> Path:
+    """The folder itself, or a run directory's final checkpoint; refused when it is already quantized."""
+    from ..report import load_results
+    from .base import RECORD_FILE, read_record
+
+    if not path.is_dir():
+        raise HfCompressError(f"{path}: no such checkpoint folder or run directory")
+    if (path / "results.json").is_file():
+        final = load_results(path).get("final_model_dir")
+        if not final:
+            raise HfCompressError(f"{path}: the run has no final checkpoint yet (results.json names none)")
+        path = path / final
+    if (path / RECORD_FILE).is_file():
+        backend = read_record(path).get("backend")
+        raise HfCompressError(f"{path}: this checkpoint is already quantized ({backend}); export a full-precision "
+                              "one, e.g. the run's last distill or prune stage folder")
+    return path
 
 
 def ort_class_for(model_class):
@@ -108,5 +156,5 @@ def _export_once(model_dir: Path, model_class) -> tuple[Path, int, object]:
     return _EXPORTS[key]
 
 
-def _bits(variant: OnnxOptions) -> int:
-    return {"none": 32, "int8-dynamic": 8, "int8-static": 8, "int4": 4}[variant.quantization]
+def _bits(variant: OnnxOptions) -> int | None:
+    return {"none": None, "int8-dynamic": 8, "int8-static": 8, "int4": 4}[variant.quantization]
