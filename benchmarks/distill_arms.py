@@ -7,7 +7,8 @@ learning rate and schedule, over several seeds:
   (b) plain KD, by hand  - a hand-written loop: 0.5*CE + 0.5*T^2*KL(T=2), teacher run live every step
   (c) hfcompress default - the `distill` stage with its default options (teacher logits cached)
 for a 3-layer student and a harder 2-layer one. Prints accuracy mean +- std per arm, the share of the teacher's
-accuracy kept, batch-1 latency vs the teacher, and the time of a cached distillation run vs a labels-only run.
+accuracy kept, the time of a cached distillation run vs a labels-only run, and the batch-1 speed of each student
+shape against the teacher (timed together, round-robin: speed depends on the shape, not on the arm).
 
     python benchmarks/distill_arms.py --teacher runs/quickstart/01-finetune [--seeds 0 1 2] [--max-steps 200]
 
@@ -32,13 +33,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from common import ROOT, quickstart_recipe, save_results
+from common import ROOT, paired_speed_lines, quickstart_recipe, save_results
 from transformers import AutoModelForSequenceClassification, get_linear_schedule_with_warmup
 
 import hfcompress
 from hfcompress.data import batch_to_model_inputs, load_task_data
 from hfcompress.distillation import student_from_layers
-from hfcompress.evaluation import measure_speed
 from hfcompress.modeling import load_tokenizer
 from hfcompress.recipe import parse_recipe
 from hfcompress.tasks import make_task
@@ -56,13 +56,12 @@ def hfcompress_arm(args, teacher: Path, work: Path, student: str, seed: int, los
     options = {**training_options(args, seed), "student": STUDENTS[student]}
     if loss is not None:
         options["loss"] = loss
-    evaluate = {"evaluate": {"timing_iterations": 30}}
+    evaluate = {"evaluate": {"measure_speed": False}}
     run_dir = work / f"{student}-{seed}-{arm}"
     recipe = parse_recipe(quickstart_recipe(teacher, run_dir, [{"distill": options}, evaluate], name="distill-bench"))
     results = hfcompress.run(recipe)
     row = results["rows"][-1]["metrics"]
-    return {"accuracy": row["accuracy"], "latency_ms_p50": row["latency_ms_p50"],
-            "train_seconds": results["stages"][0]["metrics"]["train_seconds"]}
+    return {"accuracy": row["accuracy"], "train_seconds": results["stages"][0]["metrics"]["train_seconds"]}
 
 
 def plain_kd_arm(args, teacher_dir: Path, student: str, seed: int, data, task) -> dict:
@@ -98,15 +97,22 @@ def plain_kd_arm(args, teacher_dir: Path, student: str, seed: int, data, task) -
         epoch += 1
     seconds = time.perf_counter() - started
     metrics = task.evaluate(model, data.dataloader("test", 64))
-    speed = measure_speed(model.eval(), model.config.vocab_size, data.task.max_length, task, iterations=30)
-    return {"accuracy": metrics["accuracy"], "latency_ms_p50": speed["latency_ms_p50"], "train_seconds": seconds}
+    return {"accuracy": metrics["accuracy"], "train_seconds": seconds}
 
 
 def teacher_row(teacher: Path, data, task) -> dict:
     model = AutoModelForSequenceClassification.from_pretrained(teacher).eval()
-    accuracy = task.evaluate(model, data.dataloader("test", 64))["accuracy"]
-    speed = measure_speed(model, model.config.vocab_size, data.task.max_length, task, iterations=30)
-    return {"accuracy": accuracy, "latency_ms_p50": speed["latency_ms_p50"]}
+    return {"accuracy": task.evaluate(model, data.dataloader("test", 64))["accuracy"]}
+
+
+def student_speeds(teacher_dir: Path, students: list[str], task, sequence_length: int) -> tuple[dict, list[str]]:
+    """Speed depends on a student's shape, not on how it was trained: the teacher and one student of each shape,
+    timed together round-robin."""
+    teacher = AutoModelForSequenceClassification.from_pretrained(teacher_dir).eval()
+    models = {"teacher (6 layers)": teacher}
+    for student in students:
+        models[f"{student} student"] = student_from_layers(copy.deepcopy(teacher), **STUDENTS[student])[0].eval()
+    return paired_speed_lines(models, task, sequence_length)
 
 
 def summarise(values: list[float]) -> str:
@@ -157,22 +163,21 @@ def main() -> None:
             runs = [run_arm(student, seed) for seed in args.seeds]
             results["arms"][f"{student} {arm}"] = runs
 
-    lines = [f"teacher (6 layers): test accuracy {100 * teacher['accuracy']:.2f}, batch-1 p50 "
-             f"{teacher['latency_ms_p50']:.1f} ms; test split {len(data['test'])} reviews; "
-             f"{args.max_steps} steps x 32, lr {args.learning_rate}, seeds {args.seeds}",
-             f"{'student / arm':36s} {'accuracy % (mean +- std)':26s} {'kept of teacher':16s} {'faster x':9s} train s"]
+    lines = [f"teacher (6 layers): test accuracy {100 * teacher['accuracy']:.2f}; test split {len(data['test'])} "
+             f"reviews; {args.max_steps} steps x 32, lr {args.learning_rate}, seeds {args.seeds}",
+             f"{'student / arm':36s} {'accuracy % (mean +- std)':26s} {'kept of teacher':16s} train s"]
     for name, runs in results["arms"].items():
         accuracy = [run["accuracy"] for run in runs]
         kept = 100 * statistics.mean(accuracy) / teacher["accuracy"]
-        faster = teacher["latency_ms_p50"] / statistics.median(run["latency_ms_p50"] for run in runs)
         seconds = statistics.mean(run["train_seconds"] for run in runs)
-        lines.append(f"{name:36s} {summarise(accuracy):26s} {kept:6.1f}%          {faster:5.2f}     {seconds:6.1f}")
+        lines.append(f"{name:36s} {summarise(accuracy):26s} {kept:6.1f}%          {seconds:6.1f}")
     for student in [] if args.no_baselines else args.students:
         labels = statistics.mean(r["train_seconds"] for r in results["arms"][f"{student} (a) labels only"])
         cached = statistics.mean(r["train_seconds"] for r in results["arms"][f"{student} (c) hfcompress default"])
         lines.append(f"{student}: training time, cached distillation / labels only = {cached / labels:.2f} "
                      "(time inside the training loop; the teacher cache is built once per teacher and split)")
-    report = "\n".join(lines)
+    results["speed"], speed_lines = student_speeds(args.teacher, args.students, task, data.task.max_length)
+    report = "\n".join(lines + speed_lines)
     print(report)
     save_results(args.results_name, results, report)
 

@@ -13,10 +13,11 @@ import argparse
 import statistics
 from pathlib import Path
 
-from common import ROOT, quickstart_recipe, save_results
+from common import ROOT, paired_speed_lines, quickstart_recipe, save_results
 
 import hfcompress
 from hfcompress.recipe import parse_recipe
+from hfcompress.tasks import make_task
 
 FAST_EVALUATE = {"timing_iterations": 30}
 
@@ -32,7 +33,7 @@ def prune_arm(args, selection: str, seed: int) -> dict:
     results = hfcompress.run(parse_recipe(quickstart_recipe(args.student, run_dir, stages, name="prune-bench")))
     pruned, recovered = (row["metrics"] for row in results["rows"])
     return {"pruned": pruned["accuracy"], "recovered": recovered["accuracy"],
-            "latency_ms_p50": recovered["latency_ms_p50"], "parameters": recovered["num_parameters"]}
+            "parameters": recovered["num_parameters"], "model_dir": str(run_dir / results["final_model_dir"])}
 
 
 def main() -> None:
@@ -45,25 +46,31 @@ def main() -> None:
     parser.add_argument("--work-dir", type=Path, default=ROOT / "runs" / "prune-bench")
     args = parser.parse_args()
 
-    baseline = hfcompress.run(parse_recipe(quickstart_recipe(
-        args.student, args.work_dir / "unpruned", [{"evaluate": {**FAST_EVALUATE, "label": "unpruned"}}])))
+    baseline_recipe = parse_recipe(quickstart_recipe(
+        args.student, args.work_dir / "unpruned", [{"evaluate": {**FAST_EVALUATE, "label": "unpruned"}}]))
+    baseline = hfcompress.run(baseline_recipe)
     before = baseline["rows"][0]["metrics"]
     arms = {"importance": [prune_arm(args, "importance", 42)],
             "random": [prune_arm(args, "random", seed) for seed in args.random_seeds]}
 
     lines = [f"unpruned student: accuracy {100 * before['accuracy']:.2f}, {before['num_parameters'] / 1e6:.2f} M "
-             f"parameters, batch-1 p50 {before['latency_ms_p50']:.1f} ms; budget: {args.heads:.0%} of heads, "
-             f"{args.ffn:.0%} of FFN neurons; recovery {args.recovery_steps} distillation steps",
+             f"parameters; budget: {args.heads:.0%} of heads, {args.ffn:.0%} of FFN neurons; recovery "
+             f"{args.recovery_steps} distillation steps",
              f"{'selection':12s} {'runs':4s} {'acc. pruned':14s} {'acc. recovered':15s} {'vs unpruned':12s} "
-             f"{'params (M)':10s} {'p50 ms':7s}"]
+             f"{'params (M)':10s}"]
     for name, runs in arms.items():
-        mean = {key: statistics.mean(run[key] for run in runs) for key in runs[0]}
+        mean = {key: statistics.mean(run[key] for run in runs) for key in ("pruned", "recovered", "parameters")}
         lines.append(f"{name:12s} {len(runs):<4d} {100 * mean['pruned']:<14.2f} {100 * mean['recovered']:<15.2f} "
-                     f"{100 * (mean['recovered'] - before['accuracy']):+.2f} pts   {mean['parameters'] / 1e6:<10.2f} "
-                     f"{mean['latency_ms_p50']:.1f}")
-    report = "\n".join(lines)
+                     f"{100 * (mean['recovered'] - before['accuracy']):+.2f} pts   {mean['parameters'] / 1e6:<10.2f}")
+    # Both selections keep the same number of heads and neurons: one pruned model of each stands for its arm.
+    models = {"unpruned": hfcompress.from_pretrained(args.student),
+              **{f"{name} (recovered)": hfcompress.from_pretrained(runs[0]["model_dir"]) for name, runs in arms.items()}}
+    task = make_task(baseline_recipe.task)
+    comparison, speed_lines = paired_speed_lines(models, task, baseline_recipe.task.max_length)
+    report = "\n".join(lines + speed_lines)
     print(report)
-    save_results("prune_importance", {"unpruned": before, "arms": arms, "settings": vars(args)}, report)
+    save_results("prune_importance", {"unpruned": before, "arms": arms, "speed": comparison,
+                                      "settings": vars(args)}, report)
 
 
 if __name__ == "__main__":

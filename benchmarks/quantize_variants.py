@@ -3,7 +3,8 @@
     python benchmarks/quantize_variants.py --model runs/quickstart/03-distill
 
 Runs fp32 (the input), bf16, bitsandbytes int8 and nf4 (also with 8-bit embeddings), quanto int8 and int4 through
-the `quantize` stage and prints the stage table. CPU latency is reported as measured: bitsandbytes and quanto
+the `quantize` stage and prints the stage table; the speed columns come from the `compare` stage (every variant timed
+round-robin in one process). CPU latency is reported as measured: bitsandbytes and quanto
 kernels are built for GPUs, and several are slower than fp32 on a CPU.
 """
 
@@ -36,9 +37,10 @@ def main() -> None:
     args = parser.parse_args()
     timing = {"timing_iterations": 50, "timing_warmup": 10}
     stages = [{"evaluate": {**timing, "label": "fp32"}},
-              {"quantize": {"variants": VARIANTS, "evaluate": timing, "tolerance": 0.01}}]
+              {"quantize": {"variants": VARIANTS, "evaluate": timing, "tolerance": 0.01}},
+              {"compare": {}}]
     results = hfcompress.run(parse_recipe(quickstart_recipe(args.model, args.work_dir, stages, name="quantize-bench")))
-    notes = ("\nCPU, 2 threads, sequence length 64. Latency: batch 1 p50/p95; throughput: batch 32. bitsandbytes "
+    notes = ("\nbitsandbytes "
              "int8 (LLM.int8 with outlier decomposition) and quanto weight-only kernels dequantize on the fly on CPU,\n"
              "so they can be slower than fp32 here; the size and memory columns are what they buy. "
              f"Carried forward: {results['stages'][-1]['metrics']['carried_forward']}.")

@@ -56,7 +56,7 @@ def main() -> None:
     teacher_recipe = recipe.to_dict() | {
         "name": "smollm2-135m-teacher-quantized",
         "teacher": str(RUN_DIR / "00-teacher"),
-        "stages": [next(stage for stage in recipe.to_dict()["stages"] if "quantize" in stage)],
+        "stages": [next(stage for stage in recipe.to_dict()["stages"] if name in stage) for name in ("quantize", "compare")],
     }
     quantized_teacher = hfcompress.run(parse_recipe(teacher_recipe), output_dir=ROOT / "runs" / "smollm2-teacher-quantized")
     teacher_rows = {f"teacher {row['label'].split('/')[-1]}": row["metrics"] for row in quantized_teacher["rows"]}

