@@ -5,10 +5,10 @@
 1. A run of the quickstart's task on the checkpoint: `evaluate` (torch fp32) and a `quantize` stage with torch bf16
    and every ONNX variant. Accuracy is on the test split, computed through ONNX Runtime for the ONNX rows;
    static int8 is calibrated on training batches. Speed is not measured there (timing is step 2).
-2. All models loaded in this one process and timed round-robin (`hfcompress.timing`): per round, each model
-   gets a block of untimed warm-up calls, then timed calls; a model's figure is the median of its block medians,
-   its speed-up the median of its per-round ratios to torch fp32 (with their interquartile range).
-   Batch 1 and batch 32 (fewer rounds), sequence length 64, synthetic token ids (timing depends on shape, not content).
+2. All models loaded in this one process and timed round-robin (`hfcompress.comparison`, on `hfcompress.timing`):
+   per round, each model gets a block of untimed warm-up calls, then timed calls; a model's figure is the median of
+   its block medians, its speed-up the median of its per-round ratios to torch fp32 (with their interquartile
+   range). Batch 1 and batch 32, sequence length 64, synthetic token ids (timing depends on shape, not content).
 """
 
 from __future__ import annotations
@@ -24,9 +24,9 @@ import torch
 from common import ROOT, quickstart_recipe, save_results
 
 import hfcompress
-from hfcompress.evaluation import synthetic_batch
+from hfcompress.comparison import compare_models
 from hfcompress.recipe import parse_recipe
-from hfcompress.timing import speedups, time_round_robin
+from hfcompress.tasks import make_task
 
 ONNX_VARIANTS = [
     {"backend": "onnx", "quantization": "none", "optimize": False},
@@ -52,68 +52,52 @@ def main() -> None:
     stages = [{"evaluate": {**no_timing, "label": "torch-fp32"}},
               {"quantize": {"variants": [{"backend": "half", "dtype": "bfloat16"}, *ONNX_VARIANTS],
                             "evaluate": no_timing, "tolerance": 0.005}}]
-    results = hfcompress.run(parse_recipe(quickstart_recipe(args.model, args.work_dir, stages, name="onnx-bench")))
+    recipe = parse_recipe(quickstart_recipe(args.model, args.work_dir, stages, name="onnx-bench"))
+    results = hfcompress.run(recipe)
     failed = results["stages"][-1]["metrics"]["failed_variants"]
-    rows = {row["label"].split("/")[-1].replace("bf16", "torch-bf16"): row for row in results["rows"]}
-    folders = {name: args.work_dir / row["model_dir"] for name, row in rows.items() if name != "torch-fp32"}
+    rows = {row["label"].split("/")[-1].replace("bf16", "torch-bf16"): row["metrics"] for row in results["rows"]}
+    folders = {row["label"].split("/")[-1].replace("bf16", "torch-bf16"): args.work_dir / row["model_dir"]
+               for row in results["rows"][1:]}
     folders["torch-fp32"] = args.model
 
-    models = {name: hfcompress.from_pretrained(folder) for name, folder in folders.items()}
-    vocab_size = models["torch-fp32"].config.vocab_size
-    timings = {}
-    settings = {1: {"rounds": args.rounds, "block_calls": args.block_calls, "warmup_calls": 3},
-                32: {"rounds": 5, "block_calls": 3, "warmup_calls": 1}}  # as the compare stage times throughput
-    for batch_size, how in settings.items():
-        batch = synthetic_batch(vocab_size, batch_size, LENGTH, "cpu")
-        calls = {name: _forward(model, batch) for name, model in models.items()}
-        timed = time_round_robin(calls, **how)
-        timings[batch_size] = (timed, speedups(timed, "torch-fp32"))
-
-    reference = rows["torch-fp32"]["metrics"]
+    models = {name: hfcompress.from_pretrained(folders[name]) for name in rows}  # torch-fp32 first: the reference
+    comparison = compare_models(models, make_task(recipe.task), sequence_length=LENGTH, rounds=args.rounds,
+                                block_calls=args.block_calls)
+    reference = rows["torch-fp32"]
     table, records = [], {}
-    for name in rows:  # torch-fp32 (the evaluate stage), then the quantize stage's variants in order
-        metrics = rows[name]["metrics"]
-        one, one_ratio = timings[1][0][name], timings[1][1][name]
-        many = timings[32][0][name]
+    for name, metrics in rows.items():
+        timed = comparison["models"][name]
         record = {
             "accuracy": metrics["accuracy"],
             "accuracy_points_vs_fp32": 100 * (metrics["accuracy"] - reference["accuracy"]),
             "size_mb": metrics["size_on_disk_bytes"] / 1e6,
             "size_ratio_vs_fp32": reference["size_on_disk_bytes"] / metrics["size_on_disk_bytes"],
-            "batch1_median_ms": one.median_ms, "batch1_q1_ms": one.q1_ms, "batch1_q3_ms": one.q3_ms,
-            "batch1_speedup_vs_fp32": one_ratio.ratio, "batch1_speedup_q1": one_ratio.q1,
-            "batch1_speedup_q3": one_ratio.q3,
-            "batch32_median_ms": many.median_ms, "throughput_samples_per_s": 32 / (many.median_ms / 1000),
-            "batch32_speedup_vs_fp32": timings[32][1][name].ratio,
+            **timed,
         }
         if name.startswith("onnx"):
             record["graph"] = graph_summary(folders[name] / "model.onnx")
         records[name] = record
-        table.append(f"{name:<22} {record['accuracy']:.4f} ({record['accuracy_points_vs_fp32']:+.2f}) "
-                     f"{record['size_mb']:7.1f} MB ({record['size_ratio_vs_fp32']:.2f}x smaller)  "
-                     f"b1 {one.median_ms:6.2f} ms [{one.q1_ms:.2f}-{one.q3_ms:.2f}] "
-                     f"{one_ratio.ratio:5.2f}x [{one_ratio.q1:.2f}-{one_ratio.q3:.2f}]  "
-                     f"b32 {record['throughput_samples_per_s']:7.1f}/s ({record['batch32_speedup_vs_fp32']:.2f}x)")
-    header = (f"model: {args.model}; test split of the quickstart task ({reference['num_examples']} reviews); "
-              f"sequence length {LENGTH}; torch {torch.__version__} ({torch.get_num_threads()} threads), "
-              f"onnxruntime {onnxruntime.__version__}; {platform.processor() or platform.machine()}\n"
-              f"timing: batch 1 {args.rounds} rounds round-robin, {args.block_calls} timed calls per block after 3 "
-              "warm-up calls (batch 32: 5 rounds of 3 after 1); median of block medians [IQR]; speed-up = median "
-              "per-round ratio to torch-fp32 [IQR]\n"
-              "name                   accuracy (points vs fp32)  size on disk          batch-1 latency, speed-up"
-              "                    batch-32 throughput")
+        table.append(f"{name:<18} {record['accuracy']:.4f} ({record['accuracy_points_vs_fp32']:+.2f})  "
+                     f"{record['size_mb']:6.1f} MB ({record['size_ratio_vs_fp32']:.2f}x smaller)  "
+                     f"{timed['latency_ms']:6.2f} ms [{timed['latency_ms_q1']:.2f}-{timed['latency_ms_q3']:.2f}] "
+                     f"{timed['speedup']:5.2f}x [{timed['speedup_q1']:.2f}-{timed['speedup_q3']:.2f}]  "
+                     f"{timed['throughput_per_s']:7.1f}/s ({timed['throughput_speedup']:.2f}x)")
+    settings = comparison["settings"]
+    header = (f"model: {args.model}; accuracy on the test split of the quickstart task ({reference['num_examples']} "
+              f"reviews), through ONNX Runtime for the onnx rows; torch {torch.__version__}, onnxruntime "
+              f"{onnxruntime.__version__}, {settings['threads']} torch threads; {platform.machine()}\n"
+              f"timing (hfcompress.comparison, all models in this process, round-robin): batch 1, {LENGTH} tokens, "
+              f"{settings['rounds']} rounds x {settings['block_calls']} calls after {settings['warmup_calls']} warm-up; "
+              f"batch {settings['throughput_batch_size']}: {settings['throughput_rounds']} rounds x "
+              f"{settings['throughput_block_calls']}; median of block medians [IQR], speed-up = median per-round "
+              "ratio to torch-fp32 [IQR]\n"
+              "name               accuracy (points)  size on disk (vs fp32)     batch-1 latency [IQR], speed-up [IQR]"
+              "      batch-32 throughput (vs fp32)")
     graphs = "\n".join(f"{name}: {record['graph']}" for name, record in records.items() if "graph" in record)
     report = "\n".join([header, *table, "", "graphs:", graphs, f"failed variants: {failed or 'none'}"])
     print(report)
-    save_results("onnx_variants", {"model": str(args.model), "variants": records, "failed": failed}, report)
-
-
-def _forward(model, batch: dict):
-    def call():
-        with torch.no_grad():
-            return model(**batch).logits
-
-    return call
+    save_results("onnx_variants", {"model": str(args.model), "variants": records, "failed": failed,
+                                   "timing": settings}, report)
 
 
 def graph_summary(path: Path) -> dict:
