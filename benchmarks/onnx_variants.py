@@ -18,6 +18,7 @@ import platform
 from collections import Counter
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime
 import torch
@@ -105,13 +106,17 @@ def graph_summary(path: Path) -> dict:
     and the classifier weight."""
     graph = onnx.load(str(path), load_external_data=False).graph
     ops = Counter(node.op_type for node in graph.node)
-    types = {tensor.name: onnx.TensorProto.DataType.Name(tensor.data_type) for tensor in graph.initializer}
-    embedding = next((name for name in types if "word_embeddings" in name), None)
-    classifier = next((name for name in types if "classifier" in name and "weight" in name), None)
+    def stored_type(part: str) -> str | None:  # the largest initializer of that module (not its scales)
+        tensors = [tensor for tensor in graph.initializer if part in tensor.name]
+        if not tensors:
+            return None
+        largest = max(tensors, key=lambda tensor: np.prod(tensor.dims))
+        return onnx.TensorProto.DataType.Name(largest.data_type)
+
     interesting = ("Attention", "QAttention", "MatMul", "MatMulInteger", "DynamicQuantizeMatMul", "MatMulNBits",
                    "Gemm", "QLinearMatMul", "DequantizeLinear", "QuantizeLinear", "SkipLayerNormalization")
     return {"ops": {op: ops[op] for op in interesting if ops[op]},
-            "word_embeddings": types.get(embedding), "classifier": types.get(classifier)}
+            "word_embeddings": stored_type("word_embeddings"), "classifier": stored_type("classifier")}
 
 
 if __name__ == "__main__":

@@ -179,6 +179,9 @@ def test_quantized_graphs_agree_with_fp32_on_most_predictions(exported, quantiza
     graph = onnx.load(str(exported.folders[quantization] / "model.onnx")).graph
     quantized_op = {"int8-dynamic": "MatMulInteger", "int4": "MatMulNBits"}[quantization]
     assert sum(node.op_type == quantized_op for node in graph.node) >= LAYERS
+    head = "lm_head" if exported.causal else "classifier"
+    head_weights = [tensor for tensor in graph.initializer if f"{head}." in tensor.name]
+    assert head_weights and all(tensor.data_type == onnx.TensorProto.FLOAT for tensor in head_weights)  # kept float
 
 
 def test_saved_checkpoint_reloads_to_the_same_outputs_and_reports_sizes(exported):

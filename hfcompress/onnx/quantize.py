@@ -9,8 +9,8 @@
   everything else float32.
 
 The nodes that read the weights of `keep_float` modules (the task head: `classifier`, `lm_head`) stay float32, as in
-the other backends. The dynamic and 4-bit quantizers only handle MatMul, so Gemm nodes (GPT-2's Conv1D layers, BERT's
-pooler) are first rewritten as MatMul + Add.
+the other backends. The 4-bit quantizer only handles MatMul, so Gemm nodes (GPT-2's Conv1D layers, BERT's pooler)
+are first rewritten as MatMul + Add (the dynamic quantizer does that itself, naming the new node `<gemm>_MatMul`).
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ FLOAT_BY_DEFAULT = {"DefaultTensorType": onnx.TensorProto.FLOAT}
 def quantize_int8_dynamic(source: Path, target: Path, per_channel: bool, keep_float: Iterable[str] = ()) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    _quantizing("int8-dynamic", source, keep_float, True, lambda graph, exclude: quantize_dynamic(
+    _quantizing("int8-dynamic", source, keep_float, False, lambda graph, exclude: quantize_dynamic(
         graph, target, weight_type=QuantType.QInt8, per_channel=per_channel, nodes_to_exclude=exclude,
         extra_options=FLOAT_BY_DEFAULT, use_external_data_format=_is_large(source)))
 
@@ -96,6 +96,7 @@ def _quantizing(kind: str, source: Path, keep_float: Iterable[str], gemms_as_mat
     model = onnx.load(str(source))
     del model.graph.value_info[:]
     exclude = nodes_reading(model, keep_float)
+    exclude += [name + "_MatMul" for name in exclude]  # onnxruntime's own Gemm -> MatMul rewrite names them so
     if gemms_as_matmuls:
         rewrite_gemms_as_matmuls(model, skip=set(exclude))
     onnx.save(model, str(graph), save_as_external_data=_is_large(source))
