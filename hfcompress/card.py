@@ -26,7 +26,7 @@ PLOT_FILE = "size_vs_quality.png"
 PIPELINE_TAGS = {"text-classification": "text-classification", "causal-lm": "text-generation"}
 AUTO_CLASSES = {"text-classification": "AutoModelForSequenceClassification", "causal-lm": "AutoModelForCausalLM"}
 STAGE_TAGS = {"distill": "distillation", "prune": "pruned", "quantize": "quantized"}
-HUB_LIBRARY_TAGS = {"bitsandbytes", "quanto"}  # quantization backends that are also Hub library tags
+HUB_LIBRARY_TAGS = {"bitsandbytes", "quanto", "onnx"}  # quantization backends that are also Hub library tags
 REPO_PLACEHOLDER = "YOUR_NAMESPACE/{name}"
 
 # A model id quoted in the loading code of a card, e.g. from_pretrained('sentence-transformers/all-MiniLM-L6-v2').
@@ -432,6 +432,8 @@ def _usage(run: Run, repo_id: str | None) -> str:
     repo = repo_id or REPO_PLACEHOLDER.format(name=run.results["name"])
     auto_class = AUTO_CLASSES[run.task["type"]]
     quantization = run.quantization
+    if quantization is not None and quantization.backend == "onnx":
+        return onnx_usage(repo, run.task["type"])
     if _needs_hfcompress(run, quantization):
         code = [
             "import hfcompress  # pip install hfcompress",
@@ -452,6 +454,42 @@ def _usage(run: Run, repo_id: str | None) -> str:
         ]
     code += ["", *_inference_example(run.task["type"])]
     return "\n".join(["## How to use", "", "```python", *code, "```", *_usage_notes(run, quantization)])
+
+
+def onnx_usage(repo: str, task_type: str) -> str:
+    """How to run an ONNX checkpoint with onnxruntime and its tokenizer only (no torch, no hfcompress)."""
+    code = [
+        "import json",
+        "",
+        "import numpy as np",
+        "import onnxruntime as ort  # pip install onnxruntime",
+        "from huggingface_hub import snapshot_download",
+        "from transformers import AutoTokenizer",
+        "",
+        f'folder = snapshot_download("{repo}")',
+        "tokenizer = AutoTokenizer.from_pretrained(folder)",
+        'session = ort.InferenceSession(f"{folder}/model.onnx")',
+        "",
+    ]
+    if task_type == "causal-lm":
+        code += [
+            'input_ids = tokenizer("Once upon a time", return_tensors="np")["input_ids"]',
+            "for _ in range(30):  # greedy decoding; the graph has no KV cache, so each step reads the whole text",
+            '    logits = session.run(["logits"], {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids)})[0]',
+            "    input_ids = np.concatenate([input_ids, logits[:, -1:].argmax(-1)], axis=1)",
+            "print(tokenizer.decode(input_ids[0], skip_special_tokens=True))",
+        ]
+    else:
+        code += [
+            'inputs = tokenizer(["A gripping, beautifully shot film."], return_tensors="np")',
+            'feed = {graph_input.name: inputs[graph_input.name] for graph_input in session.get_inputs()}',
+            'logits = session.run(["logits"], feed)[0]',
+            'id2label = json.load(open(f"{folder}/config.json"))["id2label"]',
+            "print(id2label[str(logits[0].argmax())])",
+        ]
+    notes = ["", "The model is an ONNX graph (`model.onnx`) for ONNX Runtime; it needs neither torch nor hfcompress. "
+             "`hfcompress.from_pretrained(folder)` loads it as an `ORTModel` that is called like a transformers model."]
+    return "\n".join(["## How to use", "", "```python", *code, "```", *notes])
 
 
 def _needs_hfcompress(run: Run, quantization: Quantization | None) -> bool:

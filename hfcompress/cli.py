@@ -1,4 +1,5 @@
-"""`hfcompress run | validate | report | compare | card | push` (and `python -m hfcompress`, `accelerate launch -m hfcompress`)."""
+"""`hfcompress run | validate | report | compare | card | push | export` (and `python -m hfcompress`,
+`accelerate launch -m hfcompress`)."""
 
 from __future__ import annotations
 
@@ -50,6 +51,16 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--create-pr", action="store_true")
     push.add_argument("--commit-message")
     push.add_argument("--dry-run", action="store_true", help="list what would be uploaded and where; upload nothing")
+
+    export = commands.add_parser("export", help="export a checkpoint (or a run's final one) to ONNX for ONNX Runtime")
+    export.add_argument("model", metavar="CHECKPOINT_OR_RUN_DIR")
+    export.add_argument("--format", choices=["onnx"], default="onnx")
+    export.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
+                        help="int8: dynamic int8 (per-channel weights, activations quantized at run time); int4: "
+                             "4-bit weight-only MatMulNBits. Static int8 needs calibration data: use a recipe's "
+                             "quantize stage ({backend: onnx, quantization: int8-static})")
+    export.add_argument("--no-optimize", action="store_true", help="keep the graph unfused")
+    export.add_argument("--output-dir", required=True)
     return parser
 
 
@@ -122,7 +133,16 @@ def _push(args) -> int:
     return 0
 
 
-COMMANDS = {"run": _run, "validate": _validate, "report": _report, "compare": _compare, "card": _card, "push": _push}
+def _export(args) -> int:
+    from .quantization.onnx import export_checkpoint
+
+    quantization = {"int8": "int8-dynamic"}.get(args.quantize, args.quantize)
+    print(export_checkpoint(args.model, args.output_dir, quantization, optimize=not args.no_optimize))
+    return 0
+
+
+COMMANDS = {"run": _run, "validate": _validate, "report": _report, "compare": _compare, "card": _card, "push": _push,
+            "export": _export}
 
 if __name__ == "__main__":
     sys.exit(main())

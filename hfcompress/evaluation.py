@@ -8,7 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf")
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".onnx")
+ONNX_EXTERNAL_DATA = ".onnx.data"  # the weights of an ONNX graph over 2 GB, beside model.onnx
 
 
 def size_on_disk(folder: str | Path) -> int | None:
@@ -16,11 +17,15 @@ def size_on_disk(folder: str | Path) -> int | None:
     folder = Path(folder)
     if not folder.is_dir():
         return None
-    return sum(path.stat().st_size for path in folder.rglob("*") if path.suffix in WEIGHT_SUFFIXES)
+    return sum(path.stat().st_size for path in folder.rglob("*")
+               if path.suffix in WEIGHT_SUFFIXES or path.name.endswith(ONNX_EXTERNAL_DATA))
 
 
-def count_parameters(model: torch.nn.Module) -> int:
-    """Logical parameter count; packed 4-bit weights count as the matrix they stand for."""
+def count_parameters(model: torch.nn.Module) -> int | None:
+    """Logical parameter count; packed 4-bit weights count as the matrix they stand for. An ONNX Runtime model
+    reports the count of the model it was exported from."""
+    if not isinstance(model, torch.nn.Module):
+        return model.num_parameters()
     total = 0
     for parameter in model.parameters():
         quant_state = getattr(parameter, "quant_state", None)
@@ -32,8 +37,10 @@ def memory_footprint(model: torch.nn.Module) -> int:
     """Bytes of parameters and buffers in memory, quantized storage counted at its real width.
 
     Like transformers' `get_memory_footprint`, except for tensor subclasses that keep their data in inner tensors
-    (quanto's int weights), which that counts as if they were float.
+    (quanto's int weights), which that counts as if they were float. An ONNX Runtime model: its initializers.
     """
+    if not isinstance(model, torch.nn.Module):
+        return model.get_memory_footprint()
     tensors = {id(tensor): tensor for tensor in [*model.parameters(), *model.buffers()]}  # tied weights once
     return sum(_tensor_bytes(tensor) for tensor in tensors.values())
 

@@ -406,6 +406,18 @@ def test_the_package_loader_reads_pruned_checkpoints(tmp_path):
     assert_same_outputs(reloaded, model, batch)
 
 
+def test_a_label_set_given_at_load_goes_to_the_config_as_from_pretrained_does(tmp_path):
+    model, batch = build(BY_NAME["bert"]), make_batch(BY_NAME["bert"])
+    prune_heads(model, {1: [0]})
+    save_pruned(model, tmp_path)
+
+    labels = {"num_labels": 2, "id2label": {0: "rotten", 1: "fresh"}, "label2id": {"rotten": 0, "fresh": 1}}
+    reloaded = load_pruned(tmp_path, AutoModelForSequenceClassification, **labels)
+
+    assert reloaded.config.id2label == {0: "rotten", 1: "fresh"}
+    assert_same_outputs(reloaded, model, batch)
+
+
 def test_uniform_heads_the_config_cannot_validate_fall_back_to_the_record(tmp_path):
     """Llama requires hidden_size % num_attention_heads == 0: 3 heads of 8 in a 32-wide model is not expressible."""
     torch.manual_seed(0)

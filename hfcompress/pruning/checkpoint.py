@@ -45,11 +45,14 @@ def load_pruned(path: str | Path, model_class, **from_pretrained_kwargs) -> PreT
 
     The model is built from config.json, sliced to the recorded per-layer shapes, then given the saved weights.
     `model_class` is an Auto class or a concrete model class. Of the `from_pretrained` keywords, `dtype`,
-    `attn_implementation` and a single-device `device_map` (e.g. "cpu") are honoured.
+    `attn_implementation`, a single-device `device_map` (e.g. "cpu") and the label set (`num_labels`, `id2label`,
+    `label2id`, which go to the config as `from_pretrained` passes them) are honoured.
     """
     folder = Path(path)
-    build_kwargs, device = _split_kwargs(from_pretrained_kwargs)
-    model = model_class.from_config(AutoConfig.from_pretrained(folder), **build_kwargs)
+    kwargs = dict(from_pretrained_kwargs)
+    labels = {key: kwargs.pop(key) for key in LABEL_KEYWORDS if key in kwargs}
+    build_kwargs, device = _split_kwargs(kwargs)
+    model = model_class.from_config(AutoConfig.from_pretrained(folder, **labels), **build_kwargs)
     record_path = folder / STRUCTURE_FILE
     if record_path.is_file():
         apply_structure(model, read_json(record_path))
@@ -57,6 +60,9 @@ def load_pruned(path: str | Path, model_class, **from_pretrained_kwargs) -> PreT
     if device is not None:
         model.to(device)
     return model.eval()
+
+
+LABEL_KEYWORDS = ("num_labels", "id2label", "label2id")
 
 
 def _split_kwargs(kwargs: dict) -> tuple[dict, str | torch.device | None]:

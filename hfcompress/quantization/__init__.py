@@ -1,4 +1,4 @@
-"""Quantization: one module per backend (bitsandbytes, quanto, half) behind one interface.
+"""Quantization: one module per backend (bitsandbytes, quanto, half, onnx) behind one interface.
 
     variant = parse_variant({"backend": "bitsandbytes", "bits": 8})
     model = quantize(model_dir, AutoModelForSequenceClassification, variant, calibration_batches=None)
@@ -20,15 +20,17 @@ from .half import HalfBackend
 from .options import (
     BitsAndBytesOptions,
     HalfOptions,
+    OnnxOptions,
     QuantoOptions,
     VariantOptions,
     parse_variant,
     variant_name,
 )
+from .onnx import OnnxBackend
 from .quanto import QuantoBackend
 
 BACKENDS: dict[str, QuantizationBackend] = {
-    backend.name: backend for backend in (BitsAndBytesBackend(), QuantoBackend(), HalfBackend())
+    backend.name: backend for backend in (BitsAndBytesBackend(), QuantoBackend(), HalfBackend(), OnnxBackend())
 }
 
 
@@ -68,6 +70,7 @@ __all__ = [
     "RECORD_FILE",
     "BitsAndBytesOptions",
     "HalfOptions",
+    "OnnxOptions",
     "QuantizationBackend",
     "QuantoOptions",
     "VariantOptions",

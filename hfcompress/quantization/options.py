@@ -4,6 +4,7 @@
     {backend: bitsandbytes, bits: 4, quant_type: nf4, double_quant: true, compute_dtype: float32}
     {backend: quanto, weights: int4, activations: int8, calibration_batches: 8}
     {backend: half, dtype: bfloat16}
+    {backend: onnx, quantization: int8-dynamic, optimize: true}
 """
 
 from __future__ import annotations
@@ -82,7 +83,33 @@ class HalfOptions(_Variant):
     dtype: Literal["float16", "bfloat16"] = "bfloat16"
 
 
-BACKEND_NAMES = ("bitsandbytes", "quanto", "half")
+class OnnxOptions(_Variant):
+    """An ONNX graph run by ONNX Runtime: float32, or int8 (dynamic or calibrated static), or 4-bit weight-only."""
+
+    backend: Literal["onnx"]
+    quantization: Literal["none", "int8-dynamic", "int8-static", "int4"] = "int8-dynamic"
+    # Fuse attention, layer norms, GELU into ONNX Runtime's fused ops first. With int8-dynamic the fused Attention's
+    # weights stay float32: on the quickstart's student the unfused int8 graph was smaller and faster.
+    optimize: bool = True
+    per_channel: bool = True  # int8: one weight scale per output channel (else one per matrix)
+    calibration_batches: int = Field(8, ge=1)  # int8-static: training batches that set the activation ranges
+    calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"  # int8-static
+    block_size: Literal[16, 32, 64, 128, 256] = 32  # int4: input features per scale
+    accuracy_level: Literal[0, 1, 2, 3, 4] | None = None  # int4: MatMulNBits compute type (4: int8 activations)
+
+    @model_validator(mode="after")
+    def _only_keys_of_this_quantization(self):
+        applies_to = {"per_channel": ("int8-dynamic", "int8-static"), "calibration_batches": ("int8-static",),
+                      "calibration_method": ("int8-static",), "block_size": ("int4",), "accuracy_level": ("int4",)}
+        given = [key for key, kinds in applies_to.items() if self.quantization not in kinds
+                 and key in self.model_fields_set and getattr(self, key) != type(self).model_fields[key].default]
+        if given:
+            raise ValueError("; ".join(f"{key} only applies to quantization: {' or '.join(applies_to[key])}"
+                                       for key in given))
+        return self
+
+
+BACKEND_NAMES = ("bitsandbytes", "quanto", "half", "onnx")
 
 
 def _backend_of(value) -> str | None:
@@ -94,6 +121,7 @@ VariantOptions = Annotated[
         Annotated[BitsAndBytesOptions, Tag("bitsandbytes")],
         Annotated[QuantoOptions, Tag("quanto")],
         Annotated[HalfOptions, Tag("half")],
+        Annotated[OnnxOptions, Tag("onnx")],
     ],
     Discriminator(
         _backend_of,
@@ -104,7 +132,7 @@ VariantOptions = Annotated[
 _VARIANT_ADAPTER = TypeAdapter(VariantOptions)
 
 
-def parse_variant(data: dict) -> BitsAndBytesOptions | QuantoOptions | HalfOptions:
+def parse_variant(data: dict) -> BitsAndBytesOptions | QuantoOptions | HalfOptions | OnnxOptions:
     """Validate one variant given as a dict; its problems become one HfCompressError line."""
     try:
         return _VARIANT_ADAPTER.validate_python(data)
@@ -121,9 +149,12 @@ def _describe(problem: dict) -> str:
 
 
 def variant_name(variant) -> str:
-    """A short, folder-safe name: bnb-int8, bnb-nf4-dq, quanto-int4, quanto-int8-a8, bf16, ... (or the given name)."""
+    """A short, folder-safe name: bnb-int8, bnb-nf4-dq, quanto-int4, quanto-int8-a8, bf16, onnx-int8, ... (or the
+    given name)."""
     if variant.name:
         return variant.name
+    if variant.backend == "onnx":
+        return _onnx_variant_name(variant)
     if variant.backend == "half":
         return {"float16": "fp16", "bfloat16": "bf16"}[variant.dtype]
     if variant.backend == "bitsandbytes":
@@ -133,3 +164,12 @@ def variant_name(variant) -> str:
         name = f"quanto-{variant.weights}" + (f"-g{variant.group_size}" if variant.group_size else "")
         name += "-a8" if variant.activations else ""
     return name + ("-emb" if variant.quantize_embeddings else "")
+
+
+def _onnx_variant_name(variant: OnnxOptions) -> str:
+    """onnx-fp32, onnx-int8, onnx-int8-static, onnx-int4 (block size and unfused graphs named when not default)."""
+    name = {"none": "onnx-fp32", "int8-dynamic": "onnx-int8", "int8-static": "onnx-int8-static",
+            "int4": "onnx-int4"}[variant.quantization]
+    if variant.quantization == "int4" and variant.block_size != 32:
+        name += f"-b{variant.block_size}"
+    return name + ("" if variant.optimize else "-unfused")
