@@ -181,17 +181,13 @@ def _keep_first(module: nn.Module, outputs: int | None = None, inputs: int | Non
 def load_quanto_weights(model: nn.Module, state_dict: dict, quanto: dict) -> nn.Module:
     """Put optimum-quanto modules where the quantization map says, then load their saved int weights and scales."""
     try:
-        from optimum.quanto import QModuleMixin, requantize
+        from optimum.quanto import requantize
     except ImportError as error:
         raise ImportError("this checkpoint's weights are optimum-quanto tensors: pip install optimum-quanto") from error
 
     requantize(model, {}, quanto["quantization_map"], device=torch.device("cpu"))
     # requantize would build int4/int2 weights with quanto's default group size: set the saved one, then load.
-    group_size = quanto.get("group_size")
-    for module in model.modules():
-        if group_size and isinstance(module, QModuleMixin) and module.weight_qtype is not None \
-                and module.weight_qtype.bits < 8:
-            module.weight_group_size = group_size
+    set_weight_group_size(model, quanto.get("group_size"))
     model.load_state_dict(state_dict, strict=False)
     tied = set(getattr(model, "all_tied_weights_keys", None) or {})
     missing = sorted(set(model.state_dict()) - set(state_dict) - tied)
@@ -201,6 +197,23 @@ def load_quanto_weights(model: nn.Module, state_dict: dict, quanto: dict) -> nn.
     for name in quanto.get("float_outputs", []):  # outputs that calibration left in float
         model.get_submodule(name).disable_output_quantization()
     return model.eval()
+
+
+def set_weight_group_size(model: nn.Module, group_size: int | None) -> None:
+    """Quantize (or load) the int4/int2 weights of quanto modules in groups of `group_size` input features."""
+    if not group_size:
+        return
+    try:
+        from optimum.quanto import QModuleMixin
+    except ImportError as error:
+        raise ImportError("this checkpoint's weights are optimum-quanto tensors: pip install optimum-quanto") from error
+
+    for name, module in model.named_modules():
+        if isinstance(module, QModuleMixin) and module.weight_qtype is not None and module.weight_qtype.bits < 8:
+            in_features = module.weight.numel() // module.weight.shape[0]
+            if in_features % group_size:
+                raise ValueError(f"group_size {group_size} does not divide the {in_features} input features of {name}")
+            module.weight_group_size = group_size
 
 
 def _read_weights(name_or_path, hub_kwargs: dict) -> dict[str, torch.Tensor]:

@@ -200,3 +200,13 @@ for repo_id in {repos!r}:
     torch.testing.assert_close(torch.tensor(from_hfcompress["alice/on-a-branch"]["logits"]), pruned.expected,
                                rtol=0, atol=TOLERANCE)
     assert "Traceback" not in output
+
+
+def test_the_published_modeling_file_needs_only_torch_and_transformers():
+    """What transformers checks before running remote code: every import outside try blocks must be installed."""
+    from transformers.dynamic_module_utils import get_imports
+
+    import hfcompress.modeling_hfcompress as modeling_file
+
+    assert set(get_imports(modeling_file.__file__)) - {"__future__", "dataclasses", "json", "re"} == {"torch",
+                                                                                                   "transformers"}

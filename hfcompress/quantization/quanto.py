@@ -19,7 +19,7 @@ from torch import nn
 from transformers import AutoConfig
 
 from ..errors import HfCompressError
-from ..modeling_hfcompress import QUANTO_KEY, compressed_class
+from ..modeling_hfcompress import QUANTO_KEY, compressed_class, set_weight_group_size
 from .base import (
     QuantizationBackend,
     load_full_precision,
@@ -84,17 +84,11 @@ def exclude_patterns(modules: list[str]) -> list[str]:
 
 def set_group_size(model: nn.Module, group_size: int | None) -> None:
     """Quantize int4/int2 weights in groups of `group_size` input features (before `freeze`)."""
-    if group_size is None:
-        return
-    from optimum.quanto import QModuleMixin
-
-    for name, module in model.named_modules():
-        if isinstance(module, QModuleMixin) and module.weight_qtype is not None and module.weight_qtype.bits < 8:
-            in_features = module.weight.numel() // module.weight.shape[0]
-            if in_features % group_size:
-                raise HfCompressError(f"quanto group_size {group_size} does not divide the {in_features} input "
-                                      f"features of {name}: choose a divisor, or skip_modules: [{name}]")
-            module.weight_group_size = group_size
+    try:
+        set_weight_group_size(model, group_size)
+    except ValueError as error:
+        module = str(error).rsplit(" ", 1)[-1]
+        raise HfCompressError(f"quanto {error}: choose a divisor, or skip_modules: [{module}]") from None
 
 
 def calibrate(model: nn.Module, batches: Iterable[dict]) -> None:
