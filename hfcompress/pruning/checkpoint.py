@@ -8,7 +8,6 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file
 from transformers import AutoConfig, PreTrainedModel
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
@@ -137,14 +136,6 @@ def saved_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
         with safe_open(str(file), framework="pt") as weights:
             shapes.update({name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()})
     return shapes
-
-
-def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """The tensors `save_pretrained` wrote: model.safetensors, or the shards its index names."""
-    weights = {}
-    for file in _weight_files(Path(folder)):
-        weights.update(load_file(file))
-    return weights
 
 
 def _weight_files(folder: Path) -> list[Path]:

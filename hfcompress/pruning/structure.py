@@ -28,7 +28,6 @@ from ..modeling_hfcompress import (
     REMOTE_CODE_KEYS,
     STRUCTURE_KEY,
     CompressedModelMixin,
-    apply_pruning_structure,
     compressed_class,
 )
 from .adapters import LayerShape, adapter_for, is_supported
@@ -101,20 +100,6 @@ def read_legacy_structure(folder: str | Path) -> dict | None:
     """The record of a checkpoint written before it moved into config.json (`pruning_structure.json`), or None."""
     path = Path(folder) / LEGACY_STRUCTURE_FILE
     return read_json(path) if path.is_file() else None
-
-
-def apply_structure(model: PreTrainedModel, record: dict) -> PreTrainedModel:
-    """Cut a model freshly built from its config down to the recorded shapes (weights are loaded afterwards).
-
-    The same code the published modeling file runs; a malformed record is a one-line HfCompressError.
-    """
-    try:
-        apply_pruning_structure(model, record)
-    except (ValueError, KeyError, RuntimeError) as error:
-        raise HfCompressError(f"{STRUCTURE_KEY} does not fit the model config.json builds: {error}") from None
-    set_original_layer_indices(model, record["layers_kept"])
-    setattr(model.config, STRUCTURE_KEY, record)
-    return model
 
 
 def original_layer_indices(model: PreTrainedModel) -> list[int]:

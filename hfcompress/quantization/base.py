@@ -14,7 +14,7 @@ from transformers import AutoConfig
 from ..errors import HfCompressError
 from ..fileio import read_json, write_json
 from ..evaluation import memory_footprint, size_on_disk  # noqa: F401  (re-exported)
-from ..pruning.checkpoint import read_weights, save_pruned  # noqa: F401  (shared with the backends)
+from ..pruning.checkpoint import save_pruned  # noqa: F401  (shared with the backends)
 from .options import variant_name
 
 RECORD_FILE = "quantization.json"
