@@ -25,6 +25,10 @@ from .structure import (
 )
 
 TRANSFORMERS_LOADING_LOGGER = logging.getLogger("transformers.modeling_utils")
+# from_pretrained keywords about loading rather than about the config (which takes the others, e.g. num_labels).
+LOADING_KEYWORDS = ("dtype", "torch_dtype", "device_map", "attn_implementation", "quantization_config",
+                    "output_loading_info", "trust_remote_code", "revision", "token", "cache_dir", "force_download",
+                    "local_files_only", "low_cpu_mem_usage", "ignore_mismatched_sizes", "gguf_file")
 
 
 def save_pruned(model: PreTrainedModel, folder: str | Path, **save_pretrained_kwargs) -> None:
@@ -49,7 +53,7 @@ def load_pruned(path: str | Path, model_class, **from_pretrained_kwargs) -> PreT
     optimum-quanto weights). `model_class` is an Auto class or a concrete model class.
     """
     folder = Path(path)
-    config = from_pretrained_kwargs.pop("config", None) or AutoConfig.from_pretrained(folder)
+    config, from_pretrained_kwargs = _config_and_loading_kwargs(folder, from_pretrained_kwargs)
     structure = structure_of(config) or read_legacy_structure(folder)
     if structure is not None:
         setattr(config, STRUCTURE_KEY, structure)
@@ -59,6 +63,18 @@ def load_pruned(path: str | Path, model_class, **from_pretrained_kwargs) -> PreT
     if structure is not None:
         set_original_layer_indices(loaded[0] if isinstance(loaded, tuple) else loaded, structure["layers_kept"])
     return loaded
+
+
+def _config_and_loading_kwargs(folder: Path, kwargs: dict) -> tuple:
+    """The config `from_pretrained` would build (config.json plus keywords such as `num_labels`), and the keywords
+    left for loading. Passing the config explicitly lets the pruning structure be added to it."""
+    kwargs = dict(kwargs)
+    config = kwargs.pop("config", None)
+    if config is not None:
+        return config, kwargs
+    loading = {key: kwargs.pop(key) for key in LOADING_KEYWORDS if key in kwargs}
+    config, unused = AutoConfig.from_pretrained(folder, return_unused_kwargs=True, **kwargs)
+    return config, {**unused, **loading}
 
 
 def concrete_class(model_class, config) -> type[PreTrainedModel]:
