@@ -276,7 +276,8 @@ def compute_4bit_as_configured(model: nn.Module) -> None:
 
 # ------------------------------------------------------------------------------------------- the classes
 class CompressedModelMixin:
-    """Put in front of a transformers model class: applies `pruning_structure` and restores quanto weights."""
+    """Put in front of a transformers model class: applies `pruning_structure` before the weights load, restores
+    optimum-quanto weights and 8/4-bit word embeddings after."""
 
     def __init__(self, config, *args, **kwargs):
         super().__init__(config, *args, **kwargs)
@@ -290,14 +291,13 @@ class CompressedModelMixin:
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        hub_kwargs = {key: kwargs[key] for key in HUB_KEYWORDS if key in kwargs}
         config = kwargs.get("config")
         if not isinstance(config, transformers.PretrainedConfig):
-            hub_kwargs = {key: kwargs[key] for key in HUB_KEYWORDS if key in kwargs}
             config = cls.config_class.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
         quanto = getattr(config, QUANTO_KEY, None)
         if quanto:
             return cls._from_quanto_checkpoint(pretrained_model_name_or_path, config, quanto, kwargs)
-        hub_kwargs = {key: kwargs[key] for key in HUB_KEYWORDS if key in kwargs}
         loaded = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded  # (model, info) with output_loading_info
         embeddings_file = getattr(config, EMBEDDINGS_KEY, None)
