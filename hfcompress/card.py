@@ -16,7 +16,9 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData, get_token
 
 from .errors import HfCompressError
 from .fileio import read_json, write_text
-from .modeling import PRUNING_RECORD, QUANTIZATION_RECORD
+from .modeling import QUANTIZATION_RECORD
+from .modeling_hfcompress import QUANTO_KEY, STRUCTURE_KEY
+from .pruning.structure import LEGACY_STRUCTURE_FILE
 from .plotting import plot_size_vs_quality
 from .report import latest_comparison, load_results, paired_timing
 from .sources import local_path
@@ -79,8 +81,21 @@ class Run:
         return [stage["stage"] for stage in self.results.get("stages", [])]
 
     @property
+    def config(self) -> dict:
+        """The final checkpoint's config.json ({} when there is none)."""
+        path = self.final_dir / "config.json" if self.final_dir is not None else None
+        return read_json(path) if path is not None and path.is_file() else {}
+
+    @property
     def pruned(self) -> bool:
-        return self.final_dir is not None and (self.final_dir / PRUNING_RECORD).is_file()
+        """Whether the blocks differ in shape (per-layer structure in config.json, or an older record file)."""
+        return bool(self.config.get(STRUCTURE_KEY)) or (
+            self.final_dir is not None and (self.final_dir / LEGACY_STRUCTURE_FILE).is_file())
+
+    @property
+    def remote_code(self) -> bool:
+        """Whether the checkpoint ships its modeling code (`auto_map`): loading needs `trust_remote_code=True`."""
+        return bool(self.config.get("auto_map"))
 
     @property
     def quantization(self) -> Quantization | None:
@@ -194,6 +209,8 @@ def base_model_relation(run: Run) -> str:
 def card_tags(run: Run) -> list[str]:
     tags = ["hfcompress"]
     tags += [STAGE_TAGS[name] for name in dict.fromkeys(run.stage_names) if name in STAGE_TAGS]
+    if run.remote_code:
+        tags.append("custom_code")  # the Hub's tag for repos that ship modeling code
     quantization = run.quantization
     if quantization is not None:
         if quantization.bits is not None:
@@ -429,30 +446,27 @@ def _text_block(text: str) -> str:
 
 
 def _usage(run: Run, repo_id: str | None) -> str:
+    """Loading code for this kind of checkpoint, with transformers (and the quantization runtime it needs) alone."""
     repo = repo_id or REPO_PLACEHOLDER.format(name=run.results["name"])
     auto_class = AUTO_CLASSES[run.task["type"]]
     quantization = run.quantization
     if quantization is not None and quantization.backend == "onnx":
         return onnx_usage(repo, run.task["type"])
-    if _needs_hfcompress(run, quantization):
-        code = [
-            "import hfcompress  # pip install hfcompress",
-            "from huggingface_hub import snapshot_download",
-            "from transformers import AutoTokenizer",
-            "",
-            f'folder = snapshot_download("{repo}")',
-            "tokenizer = AutoTokenizer.from_pretrained(folder)",
-            "model = hfcompress.from_pretrained(folder)",
-        ]
-    else:
-        device_map = ', device_map="cpu"' if quantization is not None and quantization.backend == "bitsandbytes" else ""
-        code = [
-            f"from transformers import AutoTokenizer, {auto_class}",
-            "",
-            f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
-            f'model = {auto_class}.from_pretrained("{repo}"{device_map})',
-        ]
-    code += ["", *_inference_example(run.task["type"])]
+    arguments = [f'"{repo}"']
+    if run.remote_code:
+        arguments.append("trust_remote_code=True")
+    if quantization is not None and quantization.backend == "bitsandbytes":
+        arguments.append('device_map="cpu"')
+    packages = ["transformers", "torch", *_runtime_packages(quantization)]
+    code = [
+        f"# pip install {' '.join(packages)}",
+        f"from transformers import AutoTokenizer, {auto_class}",
+        "",
+        f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
+        f"model = {auto_class}.from_pretrained({', '.join(arguments)})",
+        "",
+        *_inference_example(run.task["type"]),
+    ]
     return "\n".join(["## How to use", "", "```python", *code, "```", *_usage_notes(run, quantization)])
 
 
@@ -492,14 +506,10 @@ def onnx_usage(repo: str, task_type: str) -> str:
     return "\n".join(["## How to use", "", "```python", *code, "```", *notes])
 
 
-def _needs_hfcompress(run: Run, quantization: Quantization | None) -> bool:
-    """Whether plain `from_pretrained` cannot rebuild the checkpoint: pruned blocks of different shapes (the
-    structure record), optimum-quanto tensors, or bitsandbytes word embeddings (saved in a file of their own)."""
-    if run.pruned:
-        return True
+def _runtime_packages(quantization: Quantization | None) -> list[str]:
     if quantization is None:
-        return False
-    return quantization.backend == "quanto" or _bnb_embeddings(quantization)
+        return []
+    return {"bitsandbytes": ["bitsandbytes"], "quanto": ["optimum-quanto"]}.get(quantization.backend, [])
 
 
 def _bnb_embeddings(quantization: Quantization | None) -> bool:
@@ -524,26 +534,26 @@ def _inference_example(task_type: str) -> list[str]:
 def _usage_notes(run: Run, quantization: Quantization | None) -> list[str]:
     notes = []
     if run.pruned:
-        notes.append(f"Pruning left layers of different shapes (recorded in `{PRUNING_RECORD}`), which plain "
-                     "`from_pretrained` cannot rebuild: `hfcompress.from_pretrained` reads that record.")
+        notes.append(f"Pruning left blocks of different shapes (per-layer head counts and feed-forward widths, in "
+                     f"config.json `{STRUCTURE_KEY}`), which transformers' own classes cannot build.")
+    if run.remote_code:
+        notes.append("`trust_remote_code=True` runs `modeling_hfcompress.py` from this repository (torch and "
+                     "transformers only; read it first): a subclass of the transformers model that cuts each block to "
+                     "its saved shape before the weights load" + (" and restores the optimum-quanto weights"
+                     if run.config.get(QUANTO_KEY) else "") + ".")
     if quantization is not None and quantization.backend == "quanto":
-        notes.append(f"The weights are optimum-quanto tensors (`{QUANTIZATION_RECORD}`); `hfcompress.from_pretrained` "
-                     "restores them (needs `pip install optimum-quanto`).")
+        notes.append("The weights are optimum-quanto tensors, which transformers cannot load by itself: the modeling "
+                     "file rebuilds them with `optimum.quanto.requantize` (`pip install optimum-quanto`), on the CPU.")
     if quantization is not None and quantization.backend == "bitsandbytes":
         if _bnb_embeddings(quantization):
             notes.append("The word embeddings are quantized too (bitsandbytes `Embedding8bit`/`Embedding4bit`) and "
-                         "stored in a file of their own, which plain `from_pretrained` does not read: "
-                         "`hfcompress.from_pretrained` puts them back.")
-        if _needs_hfcompress(run, quantization):
-            notes.append("The `BitsAndBytesConfig` is stored in `config.json` (`quantization_config`); "
-                         "`hfcompress.from_pretrained` re-creates the quantized layers from it and needs "
-                         "`pip install bitsandbytes`.")
-        else:
-            notes.append("The `BitsAndBytesConfig` is stored in `config.json` (`quantization_config`), so "
-                         "`from_pretrained` re-creates the quantized layers; it needs `pip install bitsandbytes`. "
-                         'On a GPU use `device_map="auto"` instead of `"cpu"`.')
+                         "stored in a file of their own, `quantized_embeddings.safetensors`.")
+        notes.append("The `BitsAndBytesConfig` is stored in `config.json` (`quantization_config`), so "
+                     "`from_pretrained` re-creates the quantized layers; it needs `pip install bitsandbytes`. "
+                     'On a GPU use `device_map="auto"` instead of `"cpu"`.')
     if quantization is not None and quantization.backend == "half":
-        notes.append(f"The weights are stored in {quantization.details.get('dtype', 'half precision')}.")
+        notes.append(f"The weights are stored in {quantization.details.get('dtype', 'half precision')}, and "
+                     "`from_pretrained` loads them in that dtype (transformers 5 defaults to `dtype=\"auto\"`).")
     return ["", *notes] if notes else []
 
 

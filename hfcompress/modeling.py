@@ -4,32 +4,64 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from huggingface_hub import snapshot_download
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
 from .errors import HfCompressError, first_line
-from .pruning.structure import STRUCTURE_FILE as PRUNING_RECORD
+from .fileio import read_json
+from .modeling_hfcompress import QUANTO_KEY, STRUCTURE_KEY
+from .pruning.structure import LEGACY_STRUCTURE_FILE
 from .quantization.base import RECORD_FILE as QUANTIZATION_RECORD
 from .recipe import ModelReference
 from .sources import resolve_model_reference
 
+# from_pretrained keywords that say which files to fetch from the Hub, rather than how to build the model.
+HUB_KEYWORDS = ("revision", "token", "cache_dir", "force_download", "local_files_only", "proxies")
+# The small files that say whether a Hub checkpoint is one that hfcompress must rebuild itself.
+DESCRIPTION_FILES = ["config.json", QUANTIZATION_RECORD, LEGACY_STRUCTURE_FILE]
 
-def from_pretrained(path: str | Path, model_class=None, **kwargs):
-    """Load any checkpoint hfcompress writes (pruned with per-layer shapes, quantized, or plain transformers)."""
-    folder = Path(path)
-    if (folder / QUANTIZATION_RECORD).is_file():  # first: a quantized pruned model has both records
+
+def from_pretrained(name_or_path: str | Path, model_class=None, **kwargs):
+    """Load any checkpoint hfcompress writes, or any transformers checkpoint, from a folder or a Hub repo id.
+
+    Per-layer pruned shapes (`config.pruning_structure`), quantized weights (`quantization.json`) and plain
+    checkpoints all load; `revision`, `token`, `cache_dir` and the other `from_pretrained` keywords work as in
+    transformers. `model_class` defaults to the Auto class that matches the checkpoint's architecture.
+    """
+    if "gguf_file" in kwargs:  # a GGUF file is dequantized by transformers itself
+        return (model_class or AutoModelForCausalLM).from_pretrained(str(name_or_path), **kwargs)
+    folder = Path(name_or_path)
+    if not folder.is_dir():
+        hub_kwargs = {key: kwargs.pop(key) for key in HUB_KEYWORDS if key in kwargs}
+        folder = download(str(name_or_path), **hub_kwargs)
+        if folder is None:  # not an hfcompress checkpoint: transformers fetches what it needs
+            return (model_class or model_class_for(name_or_path, **hub_kwargs)).from_pretrained(
+                str(name_or_path), **hub_kwargs, **kwargs)
+    model_class = model_class or model_class_for(folder)
+    if (folder / QUANTIZATION_RECORD).is_file():  # a quantized pruned model is rebuilt by its backend too
         from .quantization import load_quantized
 
-        return load_quantized(folder, model_class or model_class_for(folder))  # rebuilds the pruned shapes too
-    if (folder / PRUNING_RECORD).is_file():
-        from .pruning import load_pruned
+        return load_quantized(folder, model_class)
+    from .pruning import load_pruned
 
-        return load_pruned(folder, model_class or model_class_for(folder), **kwargs)
-    return (model_class or model_class_for(path)).from_pretrained(str(path), **kwargs)
+    return load_pruned(folder, model_class, **kwargs)  # plain from_pretrained when nothing is pruned
 
 
-def model_class_for(path: str | Path):
+def download(repo_id: str, **hub_kwargs) -> Path | None:
+    """The local snapshot of a Hub checkpoint that hfcompress rebuilds itself; None for any other checkpoint.
+
+    The small files come first; the weights are downloaded only when hfcompress (not transformers) loads them.
+    """
+    small = Path(snapshot_download(repo_id, allow_patterns=DESCRIPTION_FILES, **hub_kwargs))
+    config = read_json(small / "config.json") if (small / "config.json").is_file() else {}
+    special = (config.get(STRUCTURE_KEY) or config.get(QUANTO_KEY) or (small / QUANTIZATION_RECORD).is_file()
+               or (small / LEGACY_STRUCTURE_FILE).is_file())
+    return Path(snapshot_download(repo_id, **hub_kwargs)) if special else None
+
+
+def model_class_for(path: str | Path, **hub_kwargs):
     """The Auto class matching the checkpoint's architecture (classifier, causal LM or bare model)."""
-    architectures = AutoConfig.from_pretrained(str(path)).architectures or []
+    architectures = AutoConfig.from_pretrained(str(path), **hub_kwargs).architectures or []
     if any(name.endswith("ForSequenceClassification") for name in architectures):
         return AutoModelForSequenceClassification
     if any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in architectures):
@@ -88,13 +120,9 @@ def convert_gguf_checkpoint(reference: ModelReference, model_class, folder: Path
 def save_checkpoint(model, tokenizer, folder: Path, accelerator=None) -> None:
     """`save_pretrained` the (unwrapped) model and its tokenizer; call it on the main process only."""
     from .pruning import save_pruned
-    from .pruning.adapters import is_supported
 
     if accelerator is not None:
         model = accelerator.unwrap_model(model)
     folder.mkdir(parents=True, exist_ok=True)
-    if is_supported(model):  # keeps the structure record of a model whose layers were pruned unevenly
-        save_pruned(model, folder)
-    else:
-        model.save_pretrained(folder)
+    save_pruned(model, folder)  # config.json keeps the per-layer shapes of a model pruned unevenly
     tokenizer.save_pretrained(folder)

@@ -100,21 +100,23 @@ def test_header_is_valid_hub_metadata_inherited_from_the_teacher(bnb_run, tmp_pa
     assert {m["type"]: m["value"] for m in result["metrics"]} == {"accuracy": 0.83, "f1": 0.82}
 
 
-def test_quantization_alone_is_a_quantized_relation_and_quanto_loads_through_hfcompress(tmp_path):
+def test_quantization_alone_is_a_quantized_relation_and_quanto_loads_through_its_modeling_file(tmp_path):
     stages = [{"id": "01-quantize", "stage": "quantize", "options": {}, "produces_model": True,
                "model_dir": "01-quantize", "seconds": 3.0, "metrics": {}}]
     results = classification_results(stages=stages, final_model_dir="01-quantize", rows=[])
     run = write_fake_run(tmp_path / "run", results=results, final_files={
-        "config.json": {"model_type": "bert"}, "quantization.json": {"backend": "quanto", "weights": "qint4"},
-        "pruning_structure.json": {"layers": []}})
+        "config.json": {"model_type": "bert", "quanto_quantization": {"quantization_map": {}},
+                        "auto_map": {"AutoModelForSequenceClassification": "modeling_hfcompress.X"}},
+        "quantization.json": {"backend": "quanto", "weights": "qint4"}})
 
     card = build_model_card(run, repo_id="alice/q4")
 
     assert card.data.base_model_relation == "quantized"
-    assert set(card.data.tags) == {"hfcompress", "quantized", "4-bit", "quanto"}
+    assert set(card.data.tags) == {"hfcompress", "quantized", "custom_code", "4-bit", "quanto"}
     assert card.data.eval_results is None  # the published checkpoint was never evaluated: no invented numbers
-    assert 'model = hfcompress.from_pretrained(folder)' in card.text
-    assert 'snapshot_download("alice/q4")' in card.text
+    assert "# pip install transformers torch optimum-quanto" in card.text
+    assert 'AutoModelForSequenceClassification.from_pretrained("alice/q4", trust_remote_code=True)' in card.text
+    assert "hfcompress.from_pretrained" not in card.text and "pip install hfcompress" not in card.text
     assert "was not evaluated" in card.text
 
 
@@ -159,18 +161,24 @@ def test_speed_columns_come_from_the_comparison_pass_when_the_run_has_one(tmp_pa
     assert "faster x (IQR)" in table and "2.01 (1.95-2.08)" in table and "p95 ms" not in table
 
 
-@pytest.mark.parametrize("files", [
-    {"quantization.json": {**BNB_8BIT["quantization.json"], "quantize_embeddings": True}},
-    {"pruning_structure.json": {"format_version": 1}},
+@pytest.mark.parametrize("config", [
+    {"quantized_input_embeddings": "quantized_embeddings.safetensors"},
+    {"pruning_structure": {"format_version": 1}},
 ], ids=["quantized-embeddings", "pruned"])
-def test_bitsandbytes_checkpoints_that_from_pretrained_cannot_rebuild_load_through_hfcompress(tmp_path, files):
-    run = write_fake_run(tmp_path / "run", results=classification_results(), final_files={**BNB_8BIT, **files})
+def test_bitsandbytes_checkpoints_with_modeling_code_load_with_trust_remote_code(tmp_path, config):
+    files = {**BNB_8BIT, "config.json": {**BNB_8BIT["config.json"], **config,
+                                         "auto_map": {"AutoModelForSequenceClassification": "modeling_hfcompress.X"}}}
+    if "quantized_input_embeddings" in config:
+        files["quantization.json"] = {**BNB_8BIT["quantization.json"], "quantize_embeddings": True}
+    run = write_fake_run(tmp_path / "run", results=classification_results(), final_files=files)
     text = build_model_card(run, repo_id="alice/int8").text
 
-    assert "model = hfcompress.from_pretrained(folder)" in text
-    assert 'AutoModelForSequenceClassification.from_pretrained("alice/int8"' not in text
-    assert "`hfcompress.from_pretrained` re-creates the quantized layers" in text
-    assert ("stored in a file of their own" in text) == ("quantization.json" in files)
+    assert ('AutoModelForSequenceClassification.from_pretrained("alice/int8", trust_remote_code=True, '
+            'device_map="cpu")') in text
+    assert "# pip install transformers torch bitsandbytes" in text
+    assert "`trust_remote_code=True` runs `modeling_hfcompress.py`" in text
+    assert ("stored in a file of their own" in text) == ("quantized_input_embeddings" in config)
+    assert ("Pruning left blocks of different shapes" in text) == ("pruning_structure" in config)
 
 
 def test_card_and_plot_are_written_next_to_the_model_and_in_model_cards(bnb_run, tmp_path):
@@ -223,7 +231,7 @@ def causal_lm_results() -> dict:
 
 def test_causal_lm_card_reports_perplexity_and_sample_generations(tmp_path):
     run = write_fake_run(tmp_path / "run", results=causal_lm_results(),
-                         final_files={"config.json": {"model_type": "llama"}, "pruning_structure.json": {}})
+                         final_files={"config.json": {"model_type": "llama"}})
 
     card = build_model_card(run, repo_id="bob/smol-pruned")
 

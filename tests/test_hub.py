@@ -82,8 +82,8 @@ def save_tiny_classifier(folder: Path) -> None:
     BertTokenizerFast(vocab_file=str(vocab_file)).save_pretrained(folder)
 
 
-def run_client(code: str, home: Path, endpoint: str, token: str | None = TOKEN, **extra_env: str
-               ) -> tuple[list[dict], str]:
+def run_client(code: str, home: Path, endpoint: str, token: str | None = TOKEN, prelude: str = CLIENT_PRELUDE,
+               **extra_env: str) -> tuple[list[dict], str]:
     """Run `code` in a fresh interpreter configured like a user's shell; returns its RESULT records and all output."""
     env = {key: value for key, value in os.environ.items()
            if key not in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "HF_TOKEN", "HF_HUB_CACHE", "HF_XET_CACHE",
@@ -93,7 +93,7 @@ def run_client(code: str, home: Path, endpoint: str, token: str | None = TOKEN, 
     if token is not None:
         env["HF_TOKEN"] = token
     env.update(extra_env)
-    process = subprocess.run([sys.executable, "-c", CLIENT_PRELUDE + code], env=env, cwd=REPO_ROOT,
+    process = subprocess.run([sys.executable, "-c", prelude + code], env=env, cwd=REPO_ROOT,
                              capture_output=True, text=True, timeout=240)
     output = process.stdout + process.stderr
     assert process.returncode == 0, output

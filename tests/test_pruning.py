@@ -35,7 +35,8 @@ from transformers import (
 import hfcompress
 from hfcompress.errors import HfCompressError
 from hfcompress.pruning import (
-    STRUCTURE_FILE,
+    LEGACY_STRUCTURE_FILE,
+    STRUCTURE_KEY,
     ffn_importance,
     head_importance,
     layer_importance,
@@ -365,10 +366,12 @@ def test_uniform_shapes_reload_with_plain_from_pretrained(arch, tmp_path):
     if arch.kv_heads < HEADS:  # one head from each group in every layer: 2 heads, 2 key/value heads
         prune_heads(model, {0: [1, 3], 1: [0, 2]})
 
-    save_pruned(model, tmp_path)
+    model.save_pretrained(tmp_path)
 
     assert not needs_structure_record(model)
-    assert not (tmp_path / STRUCTURE_FILE).exists()
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert STRUCTURE_KEY not in config and "auto_map" not in config  # a plain checkpoint: no remote code
+    assert not (tmp_path / "modeling_hfcompress.py").exists()
     reloaded = arch.auto_class.from_pretrained(tmp_path).eval()
     assert_same_outputs(reloaded, model, batch)
     assert reloaded.config.num_hidden_layers == 2
@@ -377,22 +380,45 @@ def test_uniform_shapes_reload_with_plain_from_pretrained(arch, tmp_path):
 
 
 @parametrize_archs
-def test_per_layer_shapes_reload_from_the_structure_record(arch, tmp_path):
+def test_per_layer_shapes_survive_plain_save_pretrained_and_reload(arch, tmp_path):
     model, batch = build(arch), make_batch(arch)
     prune_heads(model, HEADS_TO_REMOVE)
     prune_ffn(model, {0: [0, 1, 2]})
     prune_layers(model, [1])
     shapes = layer_shapes(model)
 
-    save_pruned(model, tmp_path)
+    model.save_pretrained(tmp_path)  # the habitual save: config.json carries the per-layer shapes
 
-    record = json.loads((tmp_path / STRUCTURE_FILE).read_text())
+    config = json.loads((tmp_path / "config.json").read_text())
+    record = config[STRUCTURE_KEY]
     assert record["layers_kept"] == [0, 2]
     assert record["attention_heads"] == [2, 2]
     assert record["ffn_sizes"] == [FFN - 3, FFN]
-    reloaded = load_pruned(tmp_path, arch.auto_class)
-    assert layer_shapes(reloaded) == shapes
+    assert config["auto_map"] == {arch.auto_class.__name__: f"modeling_hfcompress.Compressed{arch.build().__class__.__name__}"}
+    assert (tmp_path / "modeling_hfcompress.py").is_file()
+    for reloaded in (hfcompress.from_pretrained(tmp_path),
+                     arch.auto_class.from_pretrained(tmp_path, trust_remote_code=True).eval()):
+        assert layer_shapes(reloaded) == shapes
+        assert_same_outputs(reloaded, model, batch)
+
+
+def test_checkpoints_with_the_older_structure_file_still_load(tmp_path):
+    arch = BY_NAME["bert"]
+    model, batch = build(arch), make_batch(arch)
+    prune_heads(model, HEADS_TO_REMOVE)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())  # rewrite it the way older versions saved it
+    (tmp_path / LEGACY_STRUCTURE_FILE).write_text(json.dumps(config.pop(STRUCTURE_KEY)))
+    del config["auto_map"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+
+    reloaded = hfcompress.from_pretrained(tmp_path)
+
     assert_same_outputs(reloaded, model, batch)
+    save_pruned(reloaded, tmp_path / "again")  # saved again: the record moves into config.json
+    assert not (tmp_path / "again" / LEGACY_STRUCTURE_FILE).exists()
+    saved = json.loads((tmp_path / "again" / "config.json").read_text())[STRUCTURE_KEY]["attention_heads"]
+    assert saved == [shape.heads for shape in layer_shapes(model)] and len(set(saved)) > 1
 
 
 def test_the_package_loader_reads_pruned_checkpoints(tmp_path):
@@ -428,23 +454,51 @@ def test_uniform_heads_the_config_cannot_validate_fall_back_to_the_record(tmp_pa
     save_pruned(model, tmp_path)
 
     assert model.config.num_attention_heads == HEADS
-    assert (tmp_path / STRUCTURE_FILE).exists()
+    assert json.loads((tmp_path / "config.json").read_text())[STRUCTURE_KEY]["attention_heads"] == [3] * LAYERS
     assert_same_outputs(load_pruned(tmp_path, AutoModelForCausalLM), model, batch)
 
 
-def test_a_pruned_model_saved_without_its_record_fails_to_load_with_a_clear_message(tmp_path):
+def test_weights_that_disagree_with_the_config_are_named_in_one_line(tmp_path):
     model = build(BY_NAME["bert"])
     prune_heads(model, {0: [1]})
-    model.save_pretrained(tmp_path)  # plain save: no structure record
-    with pytest.raises(HfCompressError, match="save_pruned"):
-        load_pruned(tmp_path, AutoModelForSequenceClassification)
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config[STRUCTURE_KEY]  # e.g. edited by hand: the weights no longer fit the model the config builds
+    (tmp_path / "config.json").write_text(json.dumps(config))
+
+    with pytest.raises(HfCompressError) as error:
+        hfcompress.from_pretrained(tmp_path)
+
+    assert str(error.value) == (
+        f"{tmp_path}: config.json and the weights disagree: bert.encoder.layer.0.attention.output.dense.weight is "
+        f"[{HIDDEN}, {HIDDEN - HEAD_SIZE}] in the checkpoint but [{HIDDEN}, {HIDDEN}] in the model config.json builds")
+
+
+def test_a_malformed_structure_is_a_one_line_error(tmp_path):
+    model = build(BY_NAME["bert"])
+    prune_heads(model, {0: [1]})
+    model.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config[STRUCTURE_KEY]["ffn_sizes"] = [FFN]  # one entry for three layers
+    (tmp_path / "config.json").write_text(json.dumps(config))
+
+    with pytest.raises(HfCompressError, match=f"^{tmp_path}: config.json {STRUCTURE_KEY}: .* for 3 layers$"):
+        hfcompress.from_pretrained(tmp_path)
+
+
+def test_unpruning_shapes_make_the_model_plain_again(tmp_path):
+    model = build(BY_NAME["llama"])
+    prune_heads(model, {0: [0, 1]})  # one group less in layer 0 only: per-layer shapes
+    assert type(model).__name__ == "CompressedLlamaForCausalLM" and needs_structure_record(model)
+    prune_heads(model, {1: [0, 1], 2: [0, 1]})  # now every layer keeps the same group: the config expresses it
+    assert type(model) is LlamaForCausalLM and not hasattr(model.config, STRUCTURE_KEY)
 
 
 def test_saving_an_expressible_model_removes_a_stale_record(tmp_path):
     model = build(BY_NAME["bert"])
-    (tmp_path / STRUCTURE_FILE).write_text("{}")
+    (tmp_path / LEGACY_STRUCTURE_FILE).write_text("{}")
     save_pruned(model, tmp_path)
-    assert not (tmp_path / STRUCTURE_FILE).exists()
+    assert not (tmp_path / LEGACY_STRUCTURE_FILE).exists()
 
 
 # ---- importance --------------------------------------------------------------------------------------------------

@@ -21,7 +21,7 @@ from transformers import (
 import hfcompress
 from hfcompress.errors import HfCompressError
 from hfcompress.fileio import read_json
-from hfcompress.pruning import STRUCTURE_FILE, layer_shapes, prune_ffn, prune_heads, save_pruned
+from hfcompress.pruning import STRUCTURE_KEY, layer_shapes, prune_ffn, prune_heads, save_pruned
 from hfcompress.quantization import (
     RECORD_FILE,
     BitsAndBytesOptions,
@@ -299,7 +299,7 @@ def test_hfcompress_from_pretrained_dispatches_on_the_record(checkpoint, tmp_pat
 
 
 class PrunedCheckpoint:
-    """A BERT pruned into blocks of different shapes, saved with save_pruned (config.json + pruning_structure.json)."""
+    """A BERT pruned into blocks of different shapes, saved with save_pruned (config.json carries pruning_structure)."""
 
     def __init__(self, folder):
         torch.manual_seed(0)
@@ -348,30 +348,12 @@ def test_pruned_checkpoint_quantizes_keeps_its_shapes_and_reloads(pruned_checkpo
     assert relative_error(output, pruned_checkpoint.logits) < tolerance
 
     save_quantized(model, tmp_path, variant)
-    assert read_json(tmp_path / STRUCTURE_FILE) == read_json(pruned_checkpoint.folder / STRUCTURE_FILE)
+    assert read_json(tmp_path / "config.json")[STRUCTURE_KEY] == read_json(pruned_checkpoint.folder / "config.json")[STRUCTURE_KEY]
     reloaded = hfcompress.from_pretrained(tmp_path)  # quantization.json first, then the pruned shapes
     assert type(reloaded) is type(model)
     assert layer_shapes(reloaded) == pruned_checkpoint.shapes
     assert quantized_modules(reloaded) == quantized_modules(model)
     torch.testing.assert_close(logits(reloaded), output, rtol=0, atol=1e-6 if linear_type else 0)
-
-
-@pytest.mark.parametrize("bits", [8, 4])
-def test_in_memory_bitsandbytes_matches_from_pretrained(checkpoint, bits):
-    """The path pruned checkpoints take gives the tensors and config from_pretrained gives an unpruned one."""
-    from hfcompress.quantization.bitsandbytes import bitsandbytes_config
-    from hfcompress.quantization.bnb_in_memory import quantize_model
-
-    config = bitsandbytes_config(parse_variant({"backend": "bitsandbytes", "bits": bits}), [checkpoint.head])
-    loaded = checkpoint.model_class.from_pretrained(checkpoint.folder, quantization_config=config, device_map="cpu")
-    in_memory = quantize_model(checkpoint.model_class.from_pretrained(checkpoint.folder), config, torch.device("cpu"))
-
-    assert quantized_modules(in_memory) == quantized_modules(loaded)
-    expected, actual = loaded.state_dict(), in_memory.state_dict()
-    assert actual.keys() == expected.keys()
-    for key, tensor in expected.items():
-        torch.testing.assert_close(actual[key], tensor, rtol=0, atol=0, msg=key)
-    assert in_memory.config.quantization_config.to_dict() == loaded.config.quantization_config.to_dict()
 
 
 @pytest.mark.parametrize(("options", "package", "pip_name"), [

@@ -8,8 +8,8 @@ attributes the attention forward reads, rewrites the config, and saves checkpoin
     prune_ffn(model, select_ffn(ffn_importance(model, method="magnitude"), sparsity=0.2, scope="uniform"))
     prune_layers(model, select_layers(layer_importance(model, calibration_batches), drop=2))
     model, tokenizer = prune_vocabulary(model, tokenizer, training_texts, min_frequency=1)   # embedding rows
-    save_pruned(model, "out/")                                     # + pruning_structure.json when needed
-    model = load_pruned("out/", AutoModelForSequenceClassification)
+    model.save_pretrained("out/")   # per-layer shapes the config cannot express: config.pruning_structure + modeling code
+    model = hfcompress.from_pretrained("out/")   # or AutoModelFor...from_pretrained("out/", trust_remote_code=True)
 
 Supported model types: see `ADAPTERS` (BERT, RoBERTa, DistilBERT, GPT-2, Llama, Mistral, Qwen2).
 """
@@ -18,13 +18,21 @@ from .adapters import ADAPTERS, LayerShape, adapter_for
 from .checkpoint import load_pruned, save_pruned
 from .importance import ffn_importance, head_importance, layer_importance
 from .selection import select_ffn, select_heads, select_layers
-from .structure import STRUCTURE_FILE, layer_shapes, needs_structure_record, structure_record
+from .structure import (
+    LEGACY_STRUCTURE_FILE,
+    STRUCTURE_KEY,
+    layer_shapes,
+    needs_structure_record,
+    structure_of,
+    structure_record,
+)
 from .surgery import prune_ffn, prune_heads, prune_layers
 from .vocabulary import prune_vocabulary
 
 __all__ = [
     "ADAPTERS",
-    "STRUCTURE_FILE",
+    "LEGACY_STRUCTURE_FILE",
+    "STRUCTURE_KEY",
     "LayerShape",
     "adapter_for",
     "ffn_importance",
@@ -41,5 +49,6 @@ __all__ = [
     "select_ffn",
     "select_heads",
     "select_layers",
+    "structure_of",
     "structure_record",
 ]

@@ -1,114 +1,163 @@
-"""Save pruned models, and load checkpoints whose per-layer shapes only the structure record describes."""
+"""Save pruned models, and load checkpoints whose per-layer shapes only `config.pruning_structure` describes."""
 
 from __future__ import annotations
 
+import logging
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
+from safetensors import safe_open
 from transformers import AutoConfig, PreTrainedModel
 from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
-from ..errors import HfCompressError
-from ..fileio import read_json, write_json
-from .structure import STRUCTURE_FILE, apply_structure, needs_structure_record, structure_record
+from ..errors import HfCompressError, first_line
+from ..fileio import read_json
+from ..modeling_hfcompress import STRUCTURE_KEY, compressed_class
+from .adapters import is_supported
+from .structure import (
+    LEGACY_STRUCTURE_FILE,
+    read_legacy_structure,
+    needs_remote_code,
+    record_structure,
+    set_original_layer_indices,
+    structure_of,
+)
 
-# from_pretrained keywords that also make sense when the model is built from its config.
-BUILD_KEYWORDS = ("dtype", "torch_dtype", "attn_implementation")
+TRANSFORMERS_LOADING_LOGGER = logging.getLogger("transformers.modeling_utils")
+# from_pretrained keywords about loading rather than about the config (which takes the others, e.g. num_labels).
+LOADING_KEYWORDS = ("dtype", "torch_dtype", "device_map", "attn_implementation", "quantization_config",
+                    "output_loading_info", "trust_remote_code", "revision", "token", "cache_dir", "force_download",
+                    "local_files_only", "low_cpu_mem_usage", "ignore_mismatched_sizes", "gguf_file")
 
 
 def save_pruned(model: PreTrainedModel, folder: str | Path, **save_pretrained_kwargs) -> None:
-    """`save_pretrained`, plus `pruning_structure.json` when the config cannot describe every block.
+    """`save_pretrained`, making sure config.json carries the pruning structure when the blocks differ in shape.
 
-    Safe to call on any model: without per-layer shapes it is a plain `save_pretrained` (and removes a stale
-    record left in the folder by an earlier save).
+    Plain `save_pretrained` does the same for a model pruned with this package; this also removes a
+    `pruning_structure.json` that an older version left in the folder.
     """
     folder = Path(folder)
+    if is_supported(model):
+        record_structure(model)
     model.save_pretrained(folder, **save_pretrained_kwargs)
-    write_structure_record(model, folder)
-
-
-def write_structure_record(model: PreTrainedModel, folder: Path) -> None:
-    """`pruning_structure.json` in `folder` when the config cannot describe every block; else remove a stale one.
-
-    Shapes come from the layers' in/out features, which quantized Linear layers keep too.
-    """
-    record_path = Path(folder) / STRUCTURE_FILE
-    if needs_structure_record(model):
-        write_json(record_path, structure_record(model))
-    else:
-        record_path.unlink(missing_ok=True)
+    (folder / LEGACY_STRUCTURE_FILE).unlink(missing_ok=True)
 
 
 def load_pruned(path: str | Path, model_class, **from_pretrained_kwargs) -> PreTrainedModel:
-    """Load a checkpoint written by `save_pruned`, with or without a structure record.
+    """Load a checkpoint whose config.json may carry a pruning structure (or an older `pruning_structure.json`).
 
-    The model is built from config.json, sliced to the recorded per-layer shapes, then given the saved weights.
-    `model_class` is an Auto class or a concrete model class. Of the `from_pretrained` keywords, `dtype`,
-    `attn_implementation`, a single-device `device_map` (e.g. "cpu") and the label set (`num_labels`, `id2label`,
-    `label2id`, which go to the config as `from_pretrained` passes them) are honoured.
+    The model is built from config.json, cut to the recorded per-layer shapes, then given the saved weights, all
+    inside transformers' `from_pretrained` (so its keywords work: `dtype`, `device_map`, `quantization_config`...),
+    by the `Compressed<Class>` of the modeling file published with such checkpoints (which also restores
+    optimum-quanto weights). `model_class` is an Auto class or a concrete model class.
     """
     folder = Path(path)
-    kwargs = dict(from_pretrained_kwargs)
-    labels = {key: kwargs.pop(key) for key in LABEL_KEYWORDS if key in kwargs}
-    build_kwargs, device = _split_kwargs(kwargs)
-    model = model_class.from_config(AutoConfig.from_pretrained(folder, **labels), **build_kwargs)
-    record_path = folder / STRUCTURE_FILE
-    if record_path.is_file():
-        apply_structure(model, read_json(record_path))
-    _load_weights(model, folder)
-    if device is not None:
-        model.to(device)
-    return model.eval()
+    config, from_pretrained_kwargs = _config_and_loading_kwargs(folder, from_pretrained_kwargs)
+    structure = structure_of(config) or read_legacy_structure(folder)
+    if structure is not None:
+        setattr(config, STRUCTURE_KEY, structure)
+    if needs_remote_code(config):
+        model_class = compressed_class(concrete_class(model_class, config))
+    loaded = load_checked(model_class, folder, config=config, **from_pretrained_kwargs)
+    if structure is not None:
+        set_original_layer_indices(loaded[0] if isinstance(loaded, tuple) else loaded, structure["layers_kept"])
+    return loaded
 
 
-LABEL_KEYWORDS = ("num_labels", "id2label", "label2id")
-
-
-def _split_kwargs(kwargs: dict) -> tuple[dict, str | torch.device | None]:
+def _config_and_loading_kwargs(folder: Path, kwargs: dict) -> tuple:
+    """The config `from_pretrained` would build (config.json plus keywords such as `num_labels`), and the keywords
+    left for loading. Passing the config explicitly lets the pruning structure be added to it."""
     kwargs = dict(kwargs)
-    device = kwargs.pop("device_map", None)
-    if device is not None and not isinstance(device, str | torch.device):
-        raise HfCompressError("load_pruned: device_map must name one device (e.g. 'cpu'), not a per-module map")
-    unsupported = sorted(set(kwargs) - set(BUILD_KEYWORDS))
-    if unsupported:
-        raise HfCompressError(f"load_pruned: from_pretrained arguments not supported for pruned models: {unsupported}")
-    if kwargs.get("dtype") == "auto":  # "auto" means the saved dtype, which from_config uses anyway
-        del kwargs["dtype"]
-    return kwargs, device
+    config = kwargs.pop("config", None)
+    if config is not None:
+        return config, kwargs
+    loading = {key: kwargs.pop(key) for key in LOADING_KEYWORDS if key in kwargs}
+    config, unused = AutoConfig.from_pretrained(folder, return_unused_kwargs=True, **kwargs)
+    return config, {**unused, **loading}
 
 
-def _load_weights(model: PreTrainedModel, folder: Path) -> None:
+def concrete_class(model_class, config) -> type[PreTrainedModel]:
+    """The transformers class an Auto class picks for `config` (a concrete class is returned as it is)."""
+    mapping = getattr(model_class, "_model_mapping", None)
+    return mapping[type(config)] if mapping is not None else model_class
+
+
+def load_checked(model_class, path: str | Path, **from_pretrained_kwargs) -> PreTrainedModel:
+    """`model_class.from_pretrained(path)`, where weights that do not fit the model config.json builds give one line
+    naming the first such tensor and both shapes, instead of transformers' table of all of them."""
+    with held_load_report() as report:
+        try:
+            loaded = model_class.from_pretrained(str(path), **from_pretrained_kwargs)
+        except RuntimeError as error:
+            if "mismatch" not in str(error):
+                raise
+            raise HfCompressError(_first_mismatch(model_class, path, from_pretrained_kwargs.get("config"))
+                                  or f"{path}: {first_line(error)}") from None
+        except ValueError as error:  # e.g. a malformed pruning_structure, raised while the model is built
+            raise HfCompressError(f"{path}: {first_line(error)}") from None
+    report.release()
+    (loaded[0] if isinstance(loaded, tuple) else loaded).eval()  # (model, loading info) with output_loading_info
+    return loaded
+
+
+class _HeldRecords(logging.Filter):
+    """Holds back the log records of transformers' loading report (a table of unexpected/missing/mismatched keys)."""
+
+    def __init__(self):
+        super().__init__()
+        self.records: list[logging.LogRecord] = []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if "LOAD REPORT" in record.getMessage():
+            self.records.append(record)
+            return False
+        return True
+
+    def release(self) -> None:
+        """Log the held records after all (the load went through and the report may matter)."""
+        for record in self.records:
+            TRANSFORMERS_LOADING_LOGGER.handle(record)
+
+
+@contextmanager
+def held_load_report():
+    """Hold transformers' loading report back while loading; `.release()` it, or let it drop."""
+    held = _HeldRecords()
+    TRANSFORMERS_LOADING_LOGGER.addFilter(held)
     try:
-        result = model.load_state_dict(read_weights(folder), strict=False)
-    except RuntimeError as error:  # shape mismatches
-        raise HfCompressError(
-            f"{folder}: the saved weights do not fit the model built from config.json ({_mismatch(error)}); "
-            f"a pruned model saved without {STRUCTURE_FILE}? Save pruned models with save_pruned"
-        ) from None
-    tied = set(getattr(model, "all_tied_weights_keys", None) or {})
-    missing = sorted(set(result.missing_keys) - tied)
-    if missing or result.unexpected_keys:
-        raise HfCompressError(
-            f"{folder}: weights do not match the model (missing {missing[:3]}, unexpected {result.unexpected_keys[:3]})"
-        )
-    model.tie_weights()
+        yield held
+    finally:
+        TRANSFORMERS_LOADING_LOGGER.removeFilter(held)
 
 
-def read_weights(folder: Path) -> dict[str, torch.Tensor]:
-    """The tensors `save_pretrained` wrote: model.safetensors, or the shards its index names."""
-    folder = Path(folder)
+def _first_mismatch(model_class, path: str | Path, config=None) -> str | None:
+    """'<path>: config.json and the weights disagree: <tensor> is [..] in the checkpoint but [..] in the model'."""
+    config = config if config is not None else AutoConfig.from_pretrained(str(path))
+    with torch.device("meta"):
+        expected = {name: tuple(tensor.shape) for name, tensor in model_class.from_config(config).state_dict().items()}
+    for name, shape in saved_shapes(Path(path)).items():
+        candidates = [name, name.split(".", 1)[-1]]  # a bare model's keys lack the task model's prefix
+        model_shape = next((expected[key] for key in candidates if key in expected), None)
+        if model_shape is not None and model_shape != shape:
+            return (f"{path}: config.json and the weights disagree: {name} is {list(shape)} in the checkpoint but "
+                    f"{list(model_shape)} in the model config.json builds")
+    return None
+
+
+def saved_shapes(folder: Path) -> dict[str, tuple[int, ...]]:
+    """Tensor name -> shape, read from the safetensors headers only."""
+    shapes = {}
+    for file in _weight_files(folder):
+        with safe_open(str(file), framework="pt") as weights:
+            shapes.update({name: tuple(weights.get_slice(name).get_shape()) for name in weights.keys()})
+    return shapes
+
+
+def _weight_files(folder: Path) -> list[Path]:
     if (folder / SAFE_WEIGHTS_NAME).is_file():
-        return load_file(folder / SAFE_WEIGHTS_NAME)
+        return [folder / SAFE_WEIGHTS_NAME]
     index = folder / SAFE_WEIGHTS_INDEX_NAME
     if not index.is_file():
         raise HfCompressError(f"{folder}: no {SAFE_WEIGHTS_NAME} (or sharded index) to load")
-    weights = {}
-    for shard in sorted(set(read_json(index)["weight_map"].values())):
-        weights.update(load_file(folder / shard))
-    return weights
-
-
-def _mismatch(error: Exception) -> str:
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    return next((line for line in lines if line.startswith("size mismatch")), lines[0] if lines else "shape mismatch")
+    return [folder / shard for shard in sorted(set(read_json(index)["weight_map"].values()))]

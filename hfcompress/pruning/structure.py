@@ -1,21 +1,40 @@
-"""The structure record: per-layer shapes that a pruned model's config cannot express.
+"""The pruning structure: per-layer shapes that a pruned model's config cannot otherwise express.
 
 After global head pruning, for example, BERT layers keep different numbers of heads, but its config has one
-`num_attention_heads` (which also sets the head size). Such a checkpoint carries `pruning_structure.json` beside
-config.json; the config keeps the shapes a fresh model is built with, and the record says how to slice each block
-before the weights are loaded.
+`num_attention_heads` (which also sets the head size). The pruning functions then record every block's shape in
+the config itself, as `config.pruning_structure`, and give the model the `Compressed<Class>` class of
+`hfcompress/modeling_hfcompress.py`, so that any `save_pretrained` writes the record into config.json and ships that
+modeling file with `auto_map`: `AutoModel*.from_pretrained(folder, trust_remote_code=True)` then rebuilds the
+shapes with transformers alone, and `hfcompress.from_pretrained` with its own copy of the same code.
+
+    "pruning_structure": {"format_version": 1, "layers_kept": [0, 2, 4], "attention_heads": [12, 8, 10],
+                          "key_value_heads": [12, 8, 10], "ffn_sizes": [1536, 1200, 1536]}
+
+The config keeps the shapes a fresh model is built with (the largest ones); `layers_kept` names the original index
+of each remaining block. Checkpoints written before this carried the same record in `pruning_structure.json`
+beside config.json; they still load.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from transformers import PreTrainedModel
 
 from ..errors import HfCompressError
+from ..fileio import read_json
+from ..modeling_hfcompress import (
+    STRUCTURE_FORMAT_VERSION,
+    REMOTE_CODE_KEYS,
+    STRUCTURE_KEY,
+    CompressedModelMixin,
+    compressed_class,
+)
 from .adapters import LayerShape, adapter_for, is_supported
-from .surgery import original_layer_indices, prune_ffn, prune_heads, set_original_layer_indices
 
-STRUCTURE_FILE = "pruning_structure.json"
-FORMAT_VERSION = 1
+LEGACY_STRUCTURE_FILE = "pruning_structure.json"  # where checkpoints written before the config field kept it
+# Set on each block the first time blocks are dropped, so a saved structure can say which original layers remain.
+ORIGINAL_INDEX_ATTRIBUTE = "hfcompress_original_index"
 
 
 def layer_shapes(model: PreTrainedModel) -> list[LayerShape]:
@@ -25,7 +44,7 @@ def layer_shapes(model: PreTrainedModel) -> list[LayerShape]:
 
 
 def needs_structure_record(model: PreTrainedModel) -> bool:
-    """True when a model built from `model.config` would not have this model's block shapes.
+    """True when a model built from the config's shared sizes would not have this model's block shapes.
 
     Models of architectures that pruning does not support never need one (nothing here pruned them).
     """
@@ -38,7 +57,7 @@ def needs_structure_record(model: PreTrainedModel) -> bool:
 def structure_record(model: PreTrainedModel) -> dict:
     shapes = layer_shapes(model)
     return {
-        "format_version": FORMAT_VERSION,
+        "format_version": STRUCTURE_FORMAT_VERSION,
         "layers_kept": original_layer_indices(model),
         "attention_heads": [shape.heads for shape in shapes],
         "key_value_heads": [shape.kv_heads for shape in shapes],
@@ -46,48 +65,52 @@ def structure_record(model: PreTrainedModel) -> dict:
     }
 
 
-def apply_structure(model: PreTrainedModel, record: dict) -> PreTrainedModel:
-    """Slice a model freshly built from its config down to the recorded shapes (weights are loaded afterwards).
+def record_structure(model: PreTrainedModel) -> None:
+    """Keep `config.pruning_structure` and the model's class in step with its blocks' shapes.
 
-    Which heads and neurons are cut does not matter here: the saved weights overwrite all that remains.
+    Blocks of different shapes: the record goes into the config and the model becomes `Compressed<Class>` (whose
+    `save_pretrained` also writes the modeling file and `auto_map`). Shapes the config expresses: neither.
     """
-    current = layer_shapes(model)
-    targets = _recorded_shapes(record, len(current))
-    heads_to_remove, neurons_to_remove = {}, {}
-    for index, (shape, target) in enumerate(zip(current, targets, strict=True)):
-        _check_fits(index, shape, target)
-        heads_to_remove[index] = _heads_beyond(shape, target)
-        neurons_to_remove[index] = range(target.ffn_size, shape.ffn_size)
-    prune_heads(model, heads_to_remove)
-    prune_ffn(model, neurons_to_remove)
-    set_original_layer_indices(model, record["layers_kept"])
-    return model
+    if is_supported(model) and needs_structure_record(model):
+        setattr(model.config, STRUCTURE_KEY, structure_record(model))
+        model.__class__ = compressed_class(type(model))
+        return
+    if hasattr(model.config, STRUCTURE_KEY):
+        delattr(model.config, STRUCTURE_KEY)
+    if isinstance(model, CompressedModelMixin) and not needs_remote_code(model.config):
+        model.__class__ = plain_class(type(model))
 
 
-def _recorded_shapes(record: dict, num_layers: int) -> list[LayerShape]:
-    if record.get("format_version") != FORMAT_VERSION:
-        raise HfCompressError(f"{STRUCTURE_FILE}: unsupported format_version {record.get('format_version')!r}")
-    columns = [record[key] for key in ("attention_heads", "key_value_heads", "ffn_sizes", "layers_kept")]
-    if any(len(column) != num_layers for column in columns):
-        raise HfCompressError(f"{STRUCTURE_FILE}: its layer count differs from config.json's ({num_layers})")
-    return [LayerShape(*shape) for shape in zip(*columns[:3], strict=True)]
+def plain_class(cls: type) -> type:
+    """The transformers class a `Compressed<Class>` extends (the class itself when it is not one)."""
+    return next(base for base in cls.__mro__ if not issubclass(base, CompressedModelMixin))
 
 
-def _check_fits(index: int, shape: LayerShape, target: LayerShape) -> None:
-    fits = (
-        target.heads <= shape.heads
-        and target.kv_heads <= shape.kv_heads
-        and target.ffn_size <= shape.ffn_size
-        and target.heads % target.kv_heads == 0
-        and target.heads // target.kv_heads <= shape.heads // shape.kv_heads
-    )
-    if not fits:
-        raise HfCompressError(f"{STRUCTURE_FILE}: layer {index} shape {target} does not fit config.json ({shape})")
+def needs_remote_code(config) -> bool:
+    """Whether the config has fields only `Compressed<Class>` loads (pruned shapes, quanto or 8/4-bit embeddings)."""
+    return any(getattr(config, key, None) for key in REMOTE_CODE_KEYS)
 
 
-def _heads_beyond(shape: LayerShape, target: LayerShape) -> list[int]:
-    """Query heads to remove so that the first `target.kv_heads` groups keep `target` heads each."""
-    group_size = shape.heads // shape.kv_heads
-    kept_per_group = target.heads // target.kv_heads
-    kept = {group * group_size + offset for group in range(target.kv_heads) for offset in range(kept_per_group)}
-    return [head for head in range(shape.heads) if head not in kept]
+def structure_of(config) -> dict | None:
+    """The pruning structure a config carries, or None."""
+    return getattr(config, STRUCTURE_KEY, None) or None
+
+
+def read_legacy_structure(folder: str | Path) -> dict | None:
+    """The record of a checkpoint written before it moved into config.json (`pruning_structure.json`), or None."""
+    path = Path(folder) / LEGACY_STRUCTURE_FILE
+    return read_json(path) if path.is_file() else None
+
+
+def original_layer_indices(model: PreTrainedModel) -> list[int]:
+    """For each remaining block, its index in the model before any layers were dropped."""
+    layers = adapter_for(model).layers(model)
+    return [getattr(layer, ORIGINAL_INDEX_ATTRIBUTE, index) for index, layer in enumerate(layers)]
+
+
+def set_original_layer_indices(model: PreTrainedModel, indices: list[int]) -> None:
+    layers = adapter_for(model).layers(model)
+    if len(indices) != len(layers):
+        raise HfCompressError(f"{STRUCTURE_KEY}: layers_kept has {len(indices)} entries for {len(layers)} layers")
+    for layer, index in zip(layers, indices, strict=True):
+        setattr(layer, ORIGINAL_INDEX_ATTRIBUTE, index)

@@ -19,9 +19,8 @@ from transformers import PreTrainedModel
 from ..errors import HfCompressError
 from .adapters import ArchitectureAdapter, AttentionParts, adapter_for
 from .slicing import in_features, keep_inputs, keep_outputs, unit_features
+from .structure import ORIGINAL_INDEX_ATTRIBUTE, record_structure
 
-# Set on each block the first time blocks are dropped, so a saved structure can say which original layers remain.
-ORIGINAL_INDEX_ATTRIBUTE = "hfcompress_original_index"
 PER_LAYER_CONFIG_LISTS = ("layer_types", "mlp_layer_types")
 
 
@@ -102,17 +101,6 @@ def prune_layers(model: PreTrainedModel, layers_to_drop: Iterable[int]) -> PreTr
     return model
 
 
-def original_layer_indices(model: PreTrainedModel) -> list[int]:
-    """For each remaining block, its index in the model before any layers were dropped."""
-    layers = adapter_for(model).layers(model)
-    return [getattr(layer, ORIGINAL_INDEX_ATTRIBUTE, index) for index, layer in enumerate(layers)]
-
-
-def set_original_layer_indices(model: PreTrainedModel, indices: list[int]) -> None:
-    for layer, index in zip(adapter_for(model).layers(model), indices, strict=True):
-        setattr(layer, ORIGINAL_INDEX_ATTRIBUTE, index)
-
-
 def _plan_heads(layer: int, num_heads: int, num_kv_heads: int, removed: set[int]) -> HeadPlan:
     """Which query and key/value heads remain after removing `removed`; refuses shapes attention cannot run."""
     _check_indices(removed, num_heads, f"layer {layer}: head")
@@ -138,7 +126,8 @@ def sync_config(model: PreTrainedModel, adapter: ArchitectureAdapter | None = No
     """Write the shapes all blocks share into the config, wherever the config can express them.
 
     Shapes that differ between blocks (or head counts of BERT-style configs, which would change the head size)
-    stay as they were; `needs_structure_record` then reports that a saved checkpoint needs a structure record.
+    go into `config.pruning_structure` instead, and the model gets the class that saves its modeling code with it
+    (see structure.py).
     """
     adapter = adapter or adapter_for(model)
     layers = adapter.layers(model)
@@ -154,6 +143,7 @@ def sync_config(model: PreTrainedModel, adapter: ArchitectureAdapter | None = No
             model.config,
             {"head_dim": head_size, "num_attention_heads": heads, adapter.kv_heads_attribute: kv_heads},
         )
+    record_structure(model)
 
 
 def _keep_heads(adapter: ArchitectureAdapter, parts: AttentionParts, plan: HeadPlan) -> None:

@@ -8,15 +8,13 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
 from torch import nn
 from transformers import AutoConfig
 
 from ..errors import HfCompressError
 from ..fileio import read_json, write_json
 from ..evaluation import memory_footprint, size_on_disk  # noqa: F401  (re-exported)
-from ..pruning.structure import STRUCTURE_FILE
-from ..pruning.checkpoint import read_weights  # noqa: F401  (shared with the backends)
+from ..pruning.checkpoint import save_pruned  # noqa: F401  (shared with the backends)
 from .options import variant_name
 
 RECORD_FILE = "quantization.json"
@@ -86,57 +84,13 @@ def modules_of_types(model: nn.Module, types: Iterable[str]) -> dict[str, str]:
 
 
 # ------------------------------------------------------------------------------------------------ pruned checkpoints
-# A pruned model whose blocks differ in shape carries STRUCTURE_FILE beside config.json (see hfcompress.pruning):
-# config.json alone builds the wrong shapes, so `from_pretrained` cannot load it. Every backend therefore builds
-# such a model through the record, quantizes it in memory, and saves the record with the quantized checkpoint.
-
-
-def is_pruned(folder: Path) -> bool:
-    """Whether the checkpoint folder carries a pruning structure record (its blocks differ from config.json's)."""
-    return (Path(folder) / STRUCTURE_FILE).is_file()
+# A pruned model whose blocks differ in shape carries `pruning_structure` in config.json (see hfcompress.pruning), and
+# only the `Compressed<Class>` of hfcompress/modeling_hfcompress.py builds it. Every backend loads such a model through
+# `load_pruned` and saves it with `save_pruned`, which keeps the record and the modeling code with the checkpoint.
 
 
 def load_full_precision(model_dir: Path, model_class, **kwargs) -> nn.Module:
-    """`from_pretrained` of a float checkpoint, or `load_pruned` when it carries a pruning structure record.
+    """`from_pretrained` (its keywords included) of a checkpoint, pruned into blocks of different shapes or not."""
+    from ..pruning import load_pruned
 
-    `kwargs` are `from_pretrained` keywords; for a pruned checkpoint only `dtype` and a single-device `device_map`.
-    """
-    if is_pruned(model_dir):
-        from ..pruning import load_pruned
-
-        return load_pruned(model_dir, model_class, **kwargs)
-    return model_class.from_pretrained(str(model_dir), **kwargs).eval()
-
-
-def empty_model(folder: Path, model_class, config=None) -> nn.Module:
-    """The checkpoint's model with its parameters on the meta device (buffers real), sliced to the recorded shapes.
-
-    `config` defaults to the folder's config.json; the weights are the caller's to load (assign, not copy).
-    """
-    from ..pruning.structure import apply_structure
-
-    config = config if config is not None else AutoConfig.from_pretrained(str(folder))
-    with init_empty_weights():
-        model = model_class.from_config(config)
-    if is_pruned(folder):
-        apply_structure(model, read_json(Path(folder) / STRUCTURE_FILE))
-    return model
-
-
-def save_pruning_structure(model: nn.Module, out_dir: Path) -> None:
-    """Write the model's pruning structure record into `out_dir` when its config cannot describe its blocks (a
-    stale record left by an earlier save is removed, like `save_pruned`)."""
-    from ..pruning.adapters import is_supported
-    from ..pruning.checkpoint import write_structure_record
-
-    if is_supported(model):
-        write_structure_record(model, out_dir)
-    else:
-        (Path(out_dir) / STRUCTURE_FILE).unlink(missing_ok=True)
-
-
-def check_loaded(model: nn.Module, path: Path) -> None:
-    """Raise when a parameter of a model built on the meta device got no weight from the checkpoint."""
-    missing = sorted(name for name, parameter in model.named_parameters(remove_duplicate=False) if parameter.is_meta)
-    if missing:
-        raise HfCompressError(f"{path}: the checkpoint lacks {len(missing)} tensors, e.g. {missing[:3]}")
+    return load_pruned(model_dir, model_class, **kwargs)

@@ -1,9 +1,9 @@
 """bitsandbytes: LLM.int8() and NF4/FP4 Linear layers, loaded through transformers' BitsAndBytesConfig.
 
-The quantization config is stored in config.json, so plain `from_pretrained` reloads the checkpoint, unless the
-word embeddings are quantized too (see bnb_embeddings.py) or the model was pruned into blocks of different shapes:
-such a checkpoint keeps its pruning_structure.json, and both quantizing and loading it go through transformers'
-bitsandbytes quantizer on a model built from that record (see bnb_in_memory.py).
+The quantization config is stored in config.json, so plain `from_pretrained` reloads the checkpoint (with
+`trust_remote_code=True` for a model pruned into blocks of different shapes, whose modeling file cuts the blocks
+before transformers swaps in the bitsandbytes layers), unless the word embeddings are quantized too (see
+bnb_embeddings.py).
 """
 
 from __future__ import annotations
@@ -17,12 +17,11 @@ from torch import nn
 from transformers import BitsAndBytesConfig
 
 from ..errors import HfCompressError, first_line
+from ..modeling_hfcompress import compute_4bit_as_configured
 from .base import (
     QuantizationBackend,
-    is_pruned,
     load_full_precision,
-    read_record,
-    save_pruning_structure,
+    save_pruned,
     task_head_names,
     write_record,
 )
@@ -42,14 +41,8 @@ class BitsAndBytesBackend(QuantizationBackend):
                  calibration_batches: Iterable[dict] | None = None) -> nn.Module:
         self.require_package()
         config = bitsandbytes_config(variant, skip=task_head_names(model_dir, model_class) + variant.skip_modules)
-        if is_pruned(model_dir):  # config.json cannot build its shapes: quantize the loaded float model in memory
-            from .bnb_in_memory import quantize_model
-
-            model = self._guarded(model_dir, lambda: quantize_model(
-                load_full_precision(model_dir, model_class, device_map=_device()), config, _device()))
-        else:
-            model = self._guarded(model_dir, lambda: model_class.from_pretrained(
-                str(model_dir), quantization_config=config, device_map=_device_map()))
+        model = self._guarded(model_dir, lambda: load_full_precision(
+            model_dir, model_class, quantization_config=config, device_map=_device_map()))
         if variant.quantize_embeddings:
             from .bnb_embeddings import quantize_input_embeddings
 
@@ -64,23 +57,12 @@ class BitsAndBytesBackend(QuantizationBackend):
 
             save_with_input_embeddings_apart(model, out_dir)
         else:
-            model.save_pretrained(out_dir)
-        save_pruning_structure(model, out_dir)
+            save_pruned(model, out_dir)
         write_record(out_dir, variant)
 
     def load(self, path: Path, model_class) -> nn.Module:
         self.require_package()
-        embeddings_apart = bool(read_record(path).get("quantize_embeddings"))
-        if is_pruned(path):
-            from .bnb_in_memory import load_prequantized
-
-            return self._guarded(path, lambda: load_prequantized(path, model_class, _device(), embeddings_apart))
-        if embeddings_apart:
-            from .bnb_embeddings import load_with_input_embeddings_apart
-
-            return self._guarded(path, lambda: load_with_input_embeddings_apart(path, model_class,
-                                                                                device_map=_device_map()))
-        return self._guarded(path, lambda: model_class.from_pretrained(str(path), device_map=_device_map()))
+        return self._guarded(path, lambda: load_full_precision(path, model_class, device_map=_device_map()))
 
     def _guarded(self, path: Path, build) -> nn.Module:
         """Build the model; bitsandbytes' "cannot run here" errors become one HfCompressError line."""
@@ -88,7 +70,7 @@ class BitsAndBytesBackend(QuantizationBackend):
             model = build()
         except (ImportError, NotImplementedError) as error:
             raise HfCompressError(f"bitsandbytes cannot run on this machine ({path}): {first_line(error)}") from None
-        _compute_4bit_as_configured(model)
+        compute_4bit_as_configured(model)
         return model.eval()
 
 
@@ -103,25 +85,6 @@ def bitsandbytes_config(variant: BitsAndBytesOptions, skip: list[str]) -> BitsAn
         bnb_4bit_compute_dtype=getattr(torch, variant.compute_dtype),
         llm_int8_skip_modules=skip,  # transformers reads the skip list from this key for 4-bit too
     )
-
-
-def _compute_4bit_as_configured(model: nn.Module) -> None:
-    """Turn off bitsandbytes' AVX512-BF16 CPU path for 4-bit layers.
-
-    On CPUs with AVX512-BF16, bitsandbytes (0.50) repacks 4-bit weights at the first forward and then multiplies
-    in bfloat16 whatever `compute_dtype` says; saving after that writes the per-block scales transposed, so the
-    reloaded model is wrong (seen here: max logit error 0.03 on a tiny Llama). With this path off, 4-bit layers
-    compute in `compute_dtype`, give the same outputs on every CPU and save correctly; they are ~15% slower.
-    """
-    import bitsandbytes as bnb
-
-    for module in model.modules():
-        if isinstance(module, bnb.nn.Linear4bit):
-            module.support_avx512bf16_for_cpu = False
-
-
-def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
 
 
 def _device_map():

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .base import QuantizationBackend, load_full_precision, read_record, save_pruning_structure, write_record
+from .base import QuantizationBackend, load_full_precision, read_record, save_pruned, write_record
 from .options import HalfOptions
 
 
@@ -27,8 +27,7 @@ class HalfBackend(QuantizationBackend):
     def save(self, model: nn.Module, out_dir: Path, variant: HalfOptions) -> None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out_dir)
-        save_pruning_structure(model, out_dir)
+        save_pruned(model, out_dir)  # config.json records the dtype: plain from_pretrained loads it as saved
         write_record(out_dir, variant)
 
     def load(self, path: Path, model_class) -> nn.Module:

@@ -1,9 +1,11 @@
 """optimum-quanto: int8/int4/int2 weights (QLinear), optionally int8 activations calibrated on a few batches.
 
 A checkpoint is `save_pretrained` of the frozen model (each quantized weight is stored as its `_data` and
-`_scale` tensors) plus quanto's quantization map in quantization.json (and pruning_structure.json for a model
-pruned into blocks of different shapes); `load` rebuilds the model empty, sliced to the recorded shapes, and
-calls `optimum.quanto.requantize`, as quanto's own QuantizedTransformersModel does.
+`_scale` tensors) with quanto's quantization map in config.json (`quanto_quantization`). transformers cannot load
+pre-quantized quanto weights, so the checkpoint ships the modeling file of hfcompress/modeling_hfcompress.py, whose
+`from_pretrained` rebuilds the quantized modules with `optimum.quanto.requantize` (as quanto's own
+QuantizedTransformersModel does) and loads the saved tensors: `AutoModel*.from_pretrained(path,
+trust_remote_code=True)` loads it with transformers and optimum-quanto alone, and `load` runs the same code.
 """
 
 from __future__ import annotations
@@ -14,15 +16,15 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import AutoConfig
 
 from ..errors import HfCompressError
+from ..modeling_hfcompress import QUANTO_KEY, compressed_class, set_weight_group_size
 from .base import (
     QuantizationBackend,
-    empty_model,
     load_full_precision,
     read_record,
-    read_weights,
-    save_pruning_structure,
+    save_pruned,
     task_head_names,
     write_record,
 )
@@ -57,27 +59,22 @@ class QuantoBackend(QuantizationBackend):
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(out_dir)
-        save_pruning_structure(model, out_dir)
-        write_record(out_dir, variant, quantization_map=quantization_map(model), float_outputs=float_outputs(model))
+        setattr(model.config, QUANTO_KEY, {"quantization_map": quantization_map(model),
+                                           "group_size": variant.group_size, "float_outputs": float_outputs(model)})
+        model.__class__ = compressed_class(type(model))  # save_pretrained then ships the modeling file
+        save_pruned(model, out_dir)
+        write_record(out_dir, variant)
 
     def load(self, path: Path, model_class) -> nn.Module:
         self.require_package()
-        from optimum.quanto import requantize
+        from ..pruning import load_pruned
 
-        record = read_record(path)
-        model = empty_model(Path(path), model_class)  # sliced to pruning_structure.json's shapes, if there is one
-        state_dict = read_weights(Path(path))
-        # requantize builds the quantized modules with quanto's default group size, then loads: build them first,
-        # set the recorded group size, then load the weights.
-        requantize(model, {}, record["quantization_map"], device=torch.device("cpu"))
-        set_group_size(model, record.get("group_size"))
-        model.load_state_dict(state_dict, strict=False)
-        _check_nothing_missing(model, state_dict, path)
-        model.tie_weights()
-        for name in record["float_outputs"]:
-            model.get_submodule(name).disable_output_quantization()
-        return model.eval()
+        config = AutoConfig.from_pretrained(str(path))
+        if not getattr(config, QUANTO_KEY, None):  # written before the map moved into config.json
+            record = read_record(path)
+            setattr(config, QUANTO_KEY, {key: record.get(key) for key in ("quantization_map", "group_size",
+                                                                          "float_outputs")})
+        return load_pruned(path, model_class, config=config)  # the modeling file's loader, pruned shapes included
 
 
 def exclude_patterns(modules: list[str]) -> list[str]:
@@ -87,17 +84,11 @@ def exclude_patterns(modules: list[str]) -> list[str]:
 
 def set_group_size(model: nn.Module, group_size: int | None) -> None:
     """Quantize int4/int2 weights in groups of `group_size` input features (before `freeze`)."""
-    if group_size is None:
-        return
-    from optimum.quanto import QModuleMixin
-
-    for name, module in model.named_modules():
-        if isinstance(module, QModuleMixin) and module.weight_qtype is not None and module.weight_qtype.bits < 8:
-            in_features = module.weight.numel() // module.weight.shape[0]
-            if in_features % group_size:
-                raise HfCompressError(f"quanto group_size {group_size} does not divide the {in_features} input "
-                                      f"features of {name}: choose a divisor, or skip_modules: [{name}]")
-            module.weight_group_size = group_size
+    try:
+        set_weight_group_size(model, group_size)
+    except ValueError as error:
+        module = str(error).rsplit(" ", 1)[-1]
+        raise HfCompressError(f"quanto {error}: choose a divisor, or skip_modules: [{module}]") from None
 
 
 def calibrate(model: nn.Module, batches: Iterable[dict]) -> None:
@@ -135,11 +126,3 @@ def _qtype(name: str | None):
     from optimum.quanto import qtypes
 
     return qtypes[f"q{name}"]
-
-
-def _check_nothing_missing(model: nn.Module, state_dict: dict, path: Path) -> None:
-    """requantize loads non-strictly; a missing tensor would be left as uninitialised memory."""
-    tied = set(getattr(model, "all_tied_weights_keys", {}) or {})
-    missing = set(model.state_dict()) - set(state_dict) - tied
-    if missing:
-        raise HfCompressError(f"{path}: the checkpoint lacks {len(missing)} tensors, e.g. {sorted(missing)[:3]}")

@@ -130,7 +130,7 @@ class PruneStage(Stage):
             "removed": {kind: _counts(kind, value) for kind, value in removed.items()},
             **({"vocabulary": vocabulary} if vocabulary else {}),
             "layer_shapes": [dataclasses.asdict(shape) for shape in layer_shapes(model)],
-            "loader": "hfcompress.from_pretrained" if needs_structure_record(model) else "transformers",
+            "loader": "transformers (trust_remote_code=True)" if needs_structure_record(model) else "transformers",
             "selection": options.selection,
         })
 
