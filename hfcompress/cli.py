@@ -73,10 +73,13 @@ def _run(args) -> int:
 
 
 def _validate(args) -> int:
+    from .plan import format_plan, plan_recipe
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
+    planned = plan_recipe(recipe)  # every stage against the model's shape: errors name the recipe line
     print(f"{args.recipe}: ok ({len(recipe.stages)} stages: {', '.join(recipe.stage_ids())})")
+    print(format_plan(planned))
     return 0
 
 

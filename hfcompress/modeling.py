@@ -51,6 +51,20 @@ def load_model(reference: ModelReference | str, model_class, key: str = "teacher
         raise HfCompressError(f"{key}: cannot load model {reference.name_or_path!r}: {first_line(error)}") from None
 
 
+def load_config(reference: ModelReference | str, key: str = "teacher", **kwargs):
+    """A model's config only (cheap: no weights; a GGUF file's is read from its metadata, which takes seconds)."""
+    reference = ModelReference.model_validate(reference)
+    location = resolve_model_reference(reference.name_or_path, key)
+    if reference.revision:
+        kwargs["revision"] = reference.revision
+    if reference.gguf_file:
+        kwargs["gguf_file"] = reference.gguf_file
+    try:
+        return AutoConfig.from_pretrained(location, **kwargs)
+    except (OSError, ValueError) as error:
+        raise HfCompressError(f"{key}: cannot load the config of {reference.name_or_path!r}: {first_line(error)}") from None
+
+
 def load_tokenizer(reference: ModelReference | str, key: str = "teacher"):
     reference = ModelReference.model_validate(reference)
     location = resolve_model_reference(reference.name_or_path, key)

@@ -13,7 +13,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .base import QuantizationBackend, load_full_precision, read_record, save_pruning_structure, write_record
+from .base import (
+    QuantizationBackend,
+    estimate_checkpoint_bytes,
+    load_full_precision,
+    read_record,
+    save_pruning_structure,
+    write_record,
+)
 from .options import HalfOptions
 
 
@@ -30,6 +37,9 @@ class HalfBackend(QuantizationBackend):
         model.save_pretrained(out_dir)
         save_pruning_structure(model, out_dir)
         write_record(out_dir, variant)
+
+    def estimated_size(self, model: nn.Module, variant: HalfOptions, skip: list[str]) -> int:
+        return estimate_checkpoint_bytes(model, lambda name, module: None, float_bytes=2)
 
     def load(self, path: Path, model_class) -> nn.Module:
         dtype = getattr(torch, read_record(path)["dtype"])
