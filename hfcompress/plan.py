@@ -110,7 +110,8 @@ class Planner:
         try:
             yield
         except HfCompressError as error:
-            self.fail(key, first_line(error))
+            message = first_line(error)
+            self.fail(key, message.removeprefix(f"{key[-1]}: ") if key else message)
 
     def build(self, config, model_class=None):
         """A model with this config on the meta device: its structure without memory for weights."""
