@@ -188,7 +188,7 @@ def quickstart_like_run(tmp_path_factory, bert4_dir, reviews_csv):
     train = {"max_steps": 2, "per_device_train_batch_size": 16}
     stages = [
         {"finetune": train}, {"evaluate": {"label": "teacher", **FAST_EVAL}},
-        {"distill": {"student": {"strategy": "every_other"}, **train}}, {"evaluate": FAST_EVAL},
+        {"distill": {"student": {"num_layers": 2, "strategy": "every_other"}, **train}}, {"evaluate": FAST_EVAL},
         {"prune": {"heads": {"sparsity": 0.33}, "ffn": {"sparsity": 0.25}, "calibration_samples": 16}},
         {"distill": {"teacher": "01-finetune", **train}}, {"evaluate": FAST_EVAL},
         {"prune": {"ffn": {"count": 20}, "heads": {"count": 2}, "selection": "random"}}, {"evaluate": FAST_EVAL},
