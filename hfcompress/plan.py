@@ -118,7 +118,9 @@ class Planner:
         from .distillation import build_model
 
         with init_empty_weights():
-            return build_model(model_class or self.task.model_class, config)
+            model = build_model(model_class or self.task.model_class, config)
+        model.tie_weights()  # built on the meta device, tied embeddings come out untied
+        return model
 
     def model(self, name: str | None, current: ModelShape, key: tuple) -> ModelShape:
         """An earlier model by the name a stage option gives: None (the current one), "teacher", "previous" (the

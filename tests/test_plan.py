@@ -41,7 +41,8 @@ def gqa_llama_dir(tmp_path_factory, tokenizer) -> Path:
     """A config-only Llama with 4 query heads sharing 2 key/value heads (the plan reads no weights)."""
     folder = tmp_path_factory.mktemp("gqa-llama")
     LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                num_attention_heads=4, num_key_value_heads=2, head_dim=16).save_pretrained(folder)
+                num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                tie_word_embeddings=True).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 
@@ -144,6 +145,8 @@ def test_grouped_query_attention_budget_smaller_than_a_group(tmp_path, gqa_llama
         {"prune": {"heads": {"count": 4, "group_strategy": "heads_per_group"}}}]))
     planned = plan_recipe(load_recipe(path))
     assert [(s.heads, s.kv_heads) for s in planned[-1].shape.layers] == [(2, 2)] * 2
+    teacher = LlamaForCausalLM(LlamaConfig.from_pretrained(gqa_llama_dir))  # tied input and output embeddings
+    assert planned[0].shape.num_parameters == sum(p.numel() for p in teacher.parameters())
 
 
 def test_missing_teacher_folder_names_the_teacher_line(tmp_path, reviews_csv):
