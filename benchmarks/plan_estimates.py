@@ -24,7 +24,8 @@ STUDENT_VARIANTS = [{"backend": "half"}, {"backend": "bitsandbytes", "bits": 8},
 
 
 def compare(lines: list[str], what: str, recorded: int, planned: int) -> None:
-    lines.append(f"{what:34s} recorded {recorded:>12,}  planned {planned:>12,}  ({100 * (planned / recorded - 1):+.2f}%)")
+    change = 100 * (planned / recorded - 1)
+    lines.append(f"{what:34s} recorded {recorded:>12,}  planned {planned:>12,}  ({change:+.2f}%)")
 
 
 def main() -> None:
@@ -32,11 +33,13 @@ def main() -> None:
     smollm2 = json.loads((RESULTS / "smollm2.json").read_text())["rows"]
     planned = {step.stage_id: step.shape for step in plan_recipe(load_recipe(ROOT / "recipes" / "smollm2-135m.yaml"))}
     for label, stage_id in (("teacher", "01-evaluate"), ("layer-pruned", "03-evaluate"), ("healed", "05-evaluate")):
-        compare(lines, f"smollm2 {label} parameters", smollm2[label]["num_parameters"], planned[stage_id].num_parameters)
+        recorded = smollm2[label]["num_parameters"]
+        compare(lines, f"smollm2 {label} parameters", recorded, planned[stage_id].num_parameters)
     for name, size in planned["06-quantize"].variant_sizes.items():
         compare(lines, f"smollm2 {name} bytes", smollm2[f"06-quantize/{name}"]["size_on_disk_bytes"], size)
 
-    measured = {row["label"]: row["metrics"] for row in json.loads((RESULTS / "quantize_variants.json").read_text())["rows"]}
+    rows = json.loads((RESULTS / "quantize_variants.json").read_text())["rows"]
+    measured = {row["label"]: row["metrics"] for row in rows}
     stages = [{"distill": {"student": {"num_layers": 3, "strategy": "every_other"}}},
               {"quantize": {"variants": STUDENT_VARIANTS}}]
     student = plan_recipe(load_recipe(ROOT / "recipes" / "quickstart.yaml", [f"stages={json.dumps(stages)}"]))[-1].shape

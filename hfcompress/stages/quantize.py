@@ -76,7 +76,8 @@ class QuantizeStage(Stage):
         planner.require_full_precision(shape)
         names = [variant_name(variant) for variant in self.options.variants]
         if self.options.carry_forward is not None and self.options.carry_forward not in names:
-            planner.fail(("carry_forward",), f"no variant named {self.options.carry_forward!r} (have: {', '.join(names)})")
+            planner.fail(("carry_forward",),
+                         f"no variant named {self.options.carry_forward!r} (have: {', '.join(names)})")
         sizes = {}
         for index, (variant, name) in enumerate(zip(self.options.variants, names)):
             backend = get_backend(variant.backend)
