@@ -86,14 +86,19 @@ def _run(args) -> int:
 
 
 def _validate(args) -> int:
+    from .plan import format_plan, plan_recipe
     from .recipe import load_recipe
 
     recipe = load_recipe(args.recipe, args.overrides)
-    if not args.recipe_only:
-        from .pipeline import check_sources
+    if args.recipe_only:
+        print(f"{args.recipe}: ok ({len(recipe.stages)} stages: {', '.join(recipe.stage_ids())}; sources not checked)")
+        return 0
+    from .pipeline import check_sources
 
-        print("\n".join(check_sources(recipe)))
+    print("\n".join(check_sources(recipe)))
+    planned = plan_recipe(recipe)  # every stage against the model's shape: errors name the recipe line
     print(f"{args.recipe}: ok ({len(recipe.stages)} stages: {', '.join(recipe.stage_ids())})")
+    print(format_plan(planned))
     return 0
 
 

@@ -69,9 +69,28 @@ def model_class_for(path: str | Path, **hub_kwargs):
     return AutoModel
 
 
-def _load(loader, reference: ModelReference | str, key: str, what: str, **kwargs):
-    """`loader(location, **kwargs)` for a model reference (Hub id, folder, pkg://; revision, GGUF file), with a
-    one-line error naming `key` when it cannot be resolved or loaded."""
+def load_model(reference: ModelReference | str, model_class, key: str = "teacher", **kwargs):
+    """Load a model reference (Hub id, folder, pkg://) with a one-line error when it cannot be resolved."""
+    def load(location: str, **options):
+        return from_pretrained(location, model_class, **options)
+
+    return _load_reference(reference, key, "model", load, **kwargs)
+
+
+def load_config(reference: ModelReference | str, key: str = "teacher", **kwargs):
+    """A model's config only (cheap: no weights; a GGUF file's is read from its metadata, which takes seconds)."""
+    return _load_reference(reference, key, "the config of", AutoConfig.from_pretrained, **kwargs)
+
+
+def load_tokenizer(reference: ModelReference | str, key: str = "teacher"):
+    tokenizer = _load_reference(reference, key, "tokenizer", AutoTokenizer.from_pretrained)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def _load_reference(reference: ModelReference | str, key: str, what: str, loader, **kwargs):
+    """`loader(location, **kwargs)` for a reference's resolved location, revision and GGUF file; one-line errors."""
     reference = ModelReference.model_validate(reference)
     location = resolve_model_reference(reference.name_or_path, key)
     if reference.revision:
@@ -82,24 +101,6 @@ def _load(loader, reference: ModelReference | str, key: str, what: str, **kwargs
         return loader(location, **kwargs)
     except (OSError, ValueError) as error:
         raise HfCompressError(f"{key}: cannot load {what} {reference.name_or_path!r}: {first_line(error)}") from None
-
-
-def load_model(reference: ModelReference | str, model_class, key: str = "teacher", **kwargs):
-    """Load a model reference (Hub id, folder, pkg://) with a one-line error when it cannot be resolved."""
-    return _load(lambda location, **options: from_pretrained(location, model_class, **options), reference, key,
-                 "model", **kwargs)
-
-
-def load_config(reference: ModelReference | str, key: str = "teacher"):
-    """The model's config, with a one-line error when the reference does not resolve (no weights are loaded)."""
-    return _load(AutoConfig.from_pretrained, reference, key, "the config of")
-
-
-def load_tokenizer(reference: ModelReference | str, key: str = "teacher"):
-    tokenizer = _load(AutoTokenizer.from_pretrained, reference, key, "tokenizer")
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
 
 
 def convert_gguf_checkpoint(reference: ModelReference, model_class, folder: Path) -> None:

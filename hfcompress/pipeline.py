@@ -25,6 +25,7 @@ from accelerate import Accelerator
 from .data import load_task_data, prepare_task_data, source_name
 from .fileio import read_json, write_json, write_text
 from .modeling import convert_gguf_checkpoint, load_config, load_tokenizer
+from .plan import format_plan, plan_recipe
 from .recipe import ModelReference, Recipe
 from .report import format_fidelity_table, format_table
 from .sources import resolve_data_files
@@ -45,14 +46,16 @@ def run(recipe: Recipe, output_dir: str | Path | None = None) -> dict:
     accelerator = make_accelerator(recipe.mixed_precision)
     run_dir = Path(output_dir) if output_dir is not None else recipe.resolved_output_dir
     runner = _Runner(recipe, run_dir, accelerator)
-    runner.load_data()  # bad input (teacher, data, columns, labels) fails here, before anything is written
+    data = runner.load_data()  # bad input (teacher, data, columns, labels) fails here, before anything is written
+    planned = plan_recipe(recipe, data.label_names, data.tokenizer)  # so does an option no stage could carry out
     if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
         write_text(run_dir / RECIPE_FILE, recipe.to_yaml())
     configure_logging(run_dir / LOG_FILE, accelerator.is_main_process)
     accelerator.wait_for_everyone()
     logger.info("run %s in %s on %s (%d process(es))", recipe.name, run_dir, accelerator.device, accelerator.num_processes)
-    log_data_report(runner.load_data().report)
+    log_data_report(data.report)
+    logger.info("%s", format_plan(planned))
     results = runner.run_all()
     if accelerator.is_main_process:
         print(format_table(results))

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SerializeAsAny, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SerializeAsAny, ValidationError, model_validator
 
 from .errors import HfCompressError
 
@@ -113,6 +113,13 @@ class Recipe(StrictModel):
     output_dir: str | None = None
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     stages: list[StageEntry] = Field(min_length=1)
+    # Where the recipe came from, so that checks made after parsing (the plan) can name the file and line too.
+    _source: str = PrivateAttr("<recipe>")
+    _yaml_root: Any = PrivateAttr(None)
+
+    def problem(self, loc: tuple, message: str) -> RecipeError:
+        """A one-line `file:line: key.path: problem` error about the value at `loc` (a key path as a tuple)."""
+        return RecipeError([_format_problem(self._source, self._yaml_root, loc, message)])
 
     @property
     def resolved_output_dir(self) -> Path:
@@ -173,6 +180,7 @@ def parse_recipe(data: dict[str, Any], source: str = "<recipe>", yaml_root=None)
         recipe = None
     if problems:
         raise RecipeError([_format_problem(source, yaml_root, loc, message) for loc, message in problems])
+    recipe._source, recipe._yaml_root = source, yaml_root
     return recipe
 
 

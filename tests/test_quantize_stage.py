@@ -50,8 +50,9 @@ def test_carry_forward_by_name_and_unknown_name(tmp_path, bert64_dir, reviews_cs
     assert run(parse_recipe(recipe))["final_model_dir"] == "01-quantize/fp16"
     stage["quantize"]["carry_forward"] = "int3"
     recipe["output_dir"] = str(tmp_path / "other")
-    with pytest.raises(HfCompressError, match="carry_forward: no successful variant named 'int3'"):
-        run(parse_recipe(recipe))
+    with pytest.raises(HfCompressError, match=r"quantize.carry_forward: no variant named 'int3' \(have: fp16, bf16\)"):
+        run(parse_recipe(recipe))  # the plan refuses it before anything runs
+    assert not (tmp_path / "other").exists()
 
 
 @pytest.mark.parametrize("variant, message", [

@@ -18,7 +18,15 @@ from .architectures import transformer_layers
 from .layer_maps import layers_to_keep, uniform_layer_map
 from .losses import LOSSES, LossInputs, register_loss, soft_target_kl, top_k_soft_target_kl
 from .objective import DistillationLoss, DistillationLossOptions, distillation_compute_loss
-from .student import check_same_vocabulary, student_from_config, student_from_layers
+from .student import (
+    build_model,
+    check_same_vocab_size,
+    check_same_vocabulary,
+    layer_subset_config,
+    student_config,
+    student_from_config,
+    student_from_layers,
+)
 from .teacher_cache import (
     CachedTeacherOutputs,
     TeacherCache,
@@ -43,6 +51,10 @@ __all__ = [
     "layers_to_keep",
     "register_loss",
     "soft_target_kl",
+    "build_model",
+    "check_same_vocab_size",
+    "layer_subset_config",
+    "student_config",
     "student_from_config",
     "student_from_layers",
     "student_to_teacher_ids",

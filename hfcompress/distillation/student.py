@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import copy
 
-from transformers import AutoConfig, PretrainedConfig, PreTrainedModel
+from transformers import PretrainedConfig, PreTrainedModel
 
 from ..errors import HfCompressError, first_line
 from .architectures import layer_list_path, select_per_layer_lists
@@ -31,13 +31,9 @@ def student_from_layers(
     config (block numbering for the KV cache, per-layer attention types) describes the student; then the teacher's
     weights are copied in. (GPT-2 with `scale_attn_by_inverse_layer_idx` scales attention by the new position.)
     """
-    num_teacher = teacher.config.num_hidden_layers
-    kept = layers_to_keep(num_teacher, layers, num_layers, strategy)
-    config = copy.deepcopy(teacher.config)
-    config.num_hidden_layers = len(kept)
-    select_per_layer_lists(config, kept)
-
-    student = _build(type(teacher), config).to(device=teacher.device, dtype=teacher.dtype)
+    kept = layers_to_keep(teacher.config.num_hidden_layers, layers, num_layers, strategy)
+    student = build_model(type(teacher), layer_subset_config(teacher.config, kept))
+    student = student.to(device=teacher.device, dtype=teacher.dtype)
     student.load_state_dict(_weights_of_kept_layers(teacher, kept))
     if teacher.can_generate():
         student.generation_config = copy.deepcopy(teacher.generation_config)
@@ -57,25 +53,42 @@ def student_from_config(
     (its own config is the starting point, and the task head follows the teacher's labels). The layer map
     spaces the student's blocks evenly over the teacher's.
     """
+    config, layer_map = student_config(teacher_config, overrides, init_from)
     if init_from is None:
-        config = copy.deepcopy(teacher_config)
-    else:
-        config = _checkpoint_config(init_from)
-        for name in TASK_HEAD_FIELDS:
-            if hasattr(teacher_config, name):
-                setattr(config, name, copy.deepcopy(getattr(teacher_config, name)))
-    _apply_overrides(config, overrides)
-    layer_map = uniform_layer_map(config.num_hidden_layers, teacher_config.num_hidden_layers)
-    select_per_layer_lists(config, list(layer_map.values()))
-
-    if init_from is None:
-        return _build(model_class, config), layer_map
+        return build_model(model_class, config), layer_map
     try:
         student = model_class.from_pretrained(init_from, config=config)
     except (OSError, ValueError, RuntimeError) as error:
         reason = first_line(error)
         raise HfCompressError(f"student: cannot load {init_from!r} with the student config: {reason}") from None
     return student, layer_map
+
+
+def layer_subset_config(teacher_config: PretrainedConfig, kept: list[int]) -> PretrainedConfig:
+    """The teacher's config for a student that keeps the teacher blocks `kept`."""
+    config = copy.deepcopy(teacher_config)
+    config.num_hidden_layers = len(kept)
+    select_per_layer_lists(config, kept)
+    return config
+
+
+def student_config(
+    teacher_config: PretrainedConfig, overrides: dict, init_from: str | None = None
+) -> tuple[PretrainedConfig, dict[int, int]]:
+    """The config of a `config_overrides` student (see `student_from_config`) and its layer map."""
+    if init_from is None:
+        config = copy.deepcopy(teacher_config)
+    else:
+        from ..modeling import load_config  # modeling imports the pruning and quantization packages
+
+        config = load_config(init_from, "student")
+        for name in TASK_HEAD_FIELDS:
+            if hasattr(teacher_config, name):
+                setattr(config, name, copy.deepcopy(getattr(teacher_config, name)))
+    _apply_overrides(config, overrides)
+    layer_map = uniform_layer_map(config.num_hidden_layers, teacher_config.num_hidden_layers)
+    select_per_layer_lists(config, list(layer_map.values()))
+    return config, layer_map
 
 
 def check_same_vocabulary(
@@ -95,8 +108,11 @@ def check_same_vocabulary(
             f"tokens; e.g. {token!r} is id {student_vocab.get(token)} vs {teacher_vocab.get(token)}): "
             "distillation needs a shared vocabulary"
         )
-    if teacher_config is None or student_config is None:
-        return
+    if teacher_config is not None and student_config is not None:
+        check_same_vocab_size(teacher_config, student_config)
+
+
+def check_same_vocab_size(teacher_config: PretrainedConfig, student_config: PretrainedConfig) -> None:
     if teacher_config.vocab_size != student_config.vocab_size:
         raise HfCompressError(
             f"the student's vocab_size ({student_config.vocab_size}) differs from the teacher's "
@@ -126,7 +142,7 @@ def _apply_overrides(config: PretrainedConfig, overrides: dict) -> None:
         setattr(config, name, value)
 
 
-def _build(model_class, config: PretrainedConfig) -> PreTrainedModel:
+def build_model(model_class, config: PretrainedConfig) -> PreTrainedModel:
     # Auto classes build with `from_config`; concrete model classes with `_from_config` (which honours the config's
     # attention implementation and dtype).
     build = getattr(model_class, "from_config", None) or model_class._from_config
@@ -136,9 +152,3 @@ def _build(model_class, config: PretrainedConfig) -> PreTrainedModel:
         reason = first_line(error)
         raise HfCompressError(f"student config: cannot build a {config.model_type} model: {reason}") from None
 
-
-def _checkpoint_config(init_from: str) -> PretrainedConfig:
-    try:
-        return AutoConfig.from_pretrained(init_from)
-    except (OSError, ValueError) as error:
-        raise HfCompressError(f"student: cannot load the config of {init_from!r}: {first_line(error)}") from None

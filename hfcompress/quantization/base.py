@@ -40,6 +40,11 @@ class QuantizationBackend(ABC):
     def load(self, path: Path, model_class) -> nn.Module:
         """Reload a checkpoint that `save` wrote."""
 
+    def estimated_size(self, model: nn.Module, variant, skip: list[str]) -> int | None:
+        """Bytes of the weights `save` would write for `model` (on the meta device: shapes only), modules matching
+        `skip` kept in full precision; None where this backend cannot say before it runs."""
+        return None
+
     def require_package(self) -> None:
         if self.package is None:
             return
@@ -70,11 +75,27 @@ def task_head_names(model_dir: Path, model_class) -> list[str]:
     """
     config = AutoConfig.from_pretrained(str(model_dir))
     with torch.device("meta"):
-        skeleton = model_class.from_config(config)
+        return task_heads(model_class.from_config(config))
+
+
+def task_heads(model: nn.Module) -> list[str]:
+    """The top-level modules with parameters outside `model`'s base model (see `task_head_names`)."""
     return [
-        name for name, child in skeleton.named_children()
-        if name != skeleton.base_model_prefix and any(True for _ in child.parameters())
+        name for name, child in model.named_children()
+        if name != model.base_model_prefix and any(True for _ in child.parameters())
     ]
+
+
+def estimate_checkpoint_bytes(model: nn.Module, quantized_bytes, float_bytes: int = 4) -> int:
+    """Bytes of a checkpoint of `model` (shapes only): each module `quantized_bytes(name, module)` prices (an int)
+    at that price, every other parameter at `float_bytes` per value; tied parameters once."""
+    seen, total = set(), 0
+    for name, module in model.named_modules():
+        own = [parameter for parameter in module.parameters(recurse=False) if id(parameter) not in seen]
+        price = quantized_bytes(name, module)
+        seen.update(id(parameter) for parameter in own)
+        total += price if price is not None else sum(parameter.numel() * float_bytes for parameter in own)
+    return total
 
 
 def modules_of_types(model: nn.Module, types: Iterable[str]) -> dict[str, str]:

@@ -20,6 +20,7 @@ from ..errors import HfCompressError, first_line
 from ..modeling_hfcompress import compute_4bit_as_configured
 from .base import (
     QuantizationBackend,
+    estimate_checkpoint_bytes,
     load_full_precision,
     save_pruned,
     task_head_names,
@@ -30,6 +31,7 @@ from .options import BitsAndBytesOptions
 
 # LLM.int8() casts fp32 inputs to fp16 by design; bitsandbytes warns about it at every layer of every forward.
 warnings.filterwarnings("ignore", message="MatMul8bitLt: inputs will be cast from")
+BLOCK_SIZE_4BIT = 64  # bitsandbytes' default 4-bit block (weights per absmax)
 
 
 class BitsAndBytesBackend(QuantizationBackend):
@@ -64,6 +66,23 @@ class BitsAndBytesBackend(QuantizationBackend):
         self.require_package()
         return self._guarded(path, lambda: load_full_precision(path, model_class, device_map=_device_map()))
 
+    def estimated_size(self, model: nn.Module, variant: BitsAndBytesOptions, skip: list[str]) -> int:
+        """int8: one byte per weight and a float32 scale per row; 4-bit: half a byte per weight and an absmax per
+        block of 64 (a byte when double-quantized, plus a float32 per 256 blocks). Biases and everything else stay
+        float32."""
+        from transformers.quantizers.quantizers_utils import should_convert_module
+
+        embeddings = model.get_input_embeddings() if variant.quantize_embeddings else None
+
+        def price(name: str, module: nn.Module) -> int | None:
+            quantized = module is embeddings or (isinstance(module, nn.Linear) and should_convert_module(name, skip))
+            if not quantized:
+                return None
+            bias = module.bias.numel() * 4 if getattr(module, "bias", None) is not None else 0
+            return bias + _quantized_weight_bytes(module.weight.shape, variant)
+
+        return estimate_checkpoint_bytes(model, price)
+
     def _guarded(self, path: Path, build) -> nn.Module:
         """Build the model; bitsandbytes' "cannot run here" errors become one HfCompressError line."""
         try:
@@ -85,6 +104,15 @@ def bitsandbytes_config(variant: BitsAndBytesOptions, skip: list[str]) -> BitsAn
         bnb_4bit_compute_dtype=getattr(torch, variant.compute_dtype),
         llm_int8_skip_modules=skip,  # transformers reads the skip list from this key for 4-bit too
     )
+
+
+def _quantized_weight_bytes(shape, variant: BitsAndBytesOptions) -> int:
+    rows, values = shape[0], shape.numel()
+    if variant.bits == 8:
+        return values + 4 * rows
+    blocks = -(-values // BLOCK_SIZE_4BIT)
+    scales = blocks + 4 * -(-blocks // 256) + 4 * 256 if variant.double_quant else 4 * blocks
+    return -(-values // 2) + scales + 4 * 16  # + the 16-level code book
 
 
 def _device_map():

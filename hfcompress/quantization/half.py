@@ -13,7 +13,14 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .base import QuantizationBackend, load_full_precision, read_record, save_pruned, write_record
+from .base import (
+    QuantizationBackend,
+    estimate_checkpoint_bytes,
+    load_full_precision,
+    read_record,
+    save_pruned,
+    write_record,
+)
 from .options import HalfOptions
 
 
@@ -29,6 +36,9 @@ class HalfBackend(QuantizationBackend):
         out_dir.mkdir(parents=True, exist_ok=True)
         save_pruned(model, out_dir)  # config.json records the dtype: plain from_pretrained loads it as saved
         write_record(out_dir, variant)
+
+    def estimated_size(self, model: nn.Module, variant: HalfOptions, skip: list[str]) -> int:
+        return estimate_checkpoint_bytes(model, lambda name, module: None, float_bytes=2)
 
     def load(self, path: Path, model_class) -> nn.Module:
         dtype = getattr(torch, read_record(path)["dtype"])

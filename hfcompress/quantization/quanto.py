@@ -11,6 +11,7 @@ trust_remote_code=True)` loads it with transformers and optimum-quanto alone, an
 from __future__ import annotations
 
 import itertools
+from fnmatch import fnmatch
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -22,6 +23,7 @@ from ..errors import HfCompressError
 from ..modeling_hfcompress import QUANTO_KEY, compressed_class, set_weight_group_size
 from .base import (
     QuantizationBackend,
+    estimate_checkpoint_bytes,
     load_full_precision,
     read_record,
     save_pruned,
@@ -75,6 +77,50 @@ class QuantoBackend(QuantizationBackend):
             setattr(config, QUANTO_KEY, {key: record.get(key) for key in ("quantization_map", "group_size",
                                                                           "float_outputs")})
         return load_pruned(path, model_class, config=config)  # the modeling file's loader, pruned shapes included
+
+
+    def estimated_size(self, model: nn.Module, variant: QuantoOptions, skip: list[str]) -> int:
+        """int8: a byte per weight and a float32 scale per row; int4/int2: packed, with a float32 scale and shift per
+        group of inputs (quanto's default group when none is given). Everything else stays float32."""
+        bits = int(variant.weights.removeprefix("int"))
+        patterns = exclude_patterns(skip)
+
+        def price(name: str, module: nn.Module) -> int | None:
+            if not isinstance(module, nn.Linear) or any(fnmatch(name, pattern) for pattern in patterns):
+                return None
+            rows, inputs = module.weight.shape
+            group = variant.group_size or default_group_size(inputs)
+            scales = 4 * rows if bits == 8 else 8 * (rows * inputs // group if group else rows)
+            bias = 4 * module.bias.numel() if module.bias is not None else 0
+            return -(-rows * inputs * bits // 8) + scales + bias + 8  # + input and output scales
+
+        return estimate_checkpoint_bytes(model, price)
+
+    def check_group_size(self, model: nn.Module, variant: QuantoOptions, skip: list[str]) -> None:
+        """Raise when `group_size` does not divide the inputs of a Linear layer quanto will quantize."""
+        if variant.group_size is None or variant.weights == "int8":
+            return
+        patterns = exclude_patterns(skip)
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and not any(fnmatch(name, pattern) for pattern in patterns):
+                _check_group_divides(name, module.in_features, variant.group_size)
+
+
+def default_group_size(in_features: int) -> int | None:
+    """quanto's own choice for int4/int2 weights without a group size (optimum.quanto.nn.QModuleMixin): 128, or
+    the largest multiple of 32 below it that divides the inputs; None (one scale per row) when none does."""
+    group_size = 128
+    if in_features <= group_size:
+        return None
+    while in_features % group_size and group_size > 32:
+        group_size -= 32
+    return group_size if in_features % group_size == 0 else None
+
+
+def _check_group_divides(name: str, in_features: int, group_size: int) -> None:
+    if in_features % group_size:
+        raise HfCompressError(f"quanto group_size {group_size} does not divide the {in_features} input "
+                              f"features of {name}: choose a divisor, or skip_modules: [{name}]")
 
 
 def exclude_patterns(modules: list[str]) -> list[str]:

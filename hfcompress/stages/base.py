@@ -12,7 +12,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel, ConfigDict
 
 from ..data import batch_to_model_inputs, load_task_data
-from ..errors import HfCompressError
+from ..errors import HfCompressError, first_line
 from ..modeling import load_model, save_checkpoint
 from ..recipe import ModelReference, Recipe
 
@@ -109,3 +109,26 @@ class Stage:
 
     def run(self, ctx: StageContext) -> StageResult:
         raise NotImplementedError
+
+    def plan(self, shape, planner):
+        """The model's shape after this stage (`hfcompress.plan.ModelShape`), checked before anything runs.
+
+        Raise through `planner.fail(key, message)` (or `with planner.checking(key):` around the run's own checks)
+        when an option cannot work with the shape. Stages that do not change the model keep this default.
+        """
+        return shape
+
+
+def check_repo_id(planner, repo_id: str | None) -> None:
+    """The Hub's own rules for a repo id (huggingface_hub's validator), checked before anything runs."""
+    from huggingface_hub.errors import HFValidationError
+    from huggingface_hub.utils import validate_repo_id
+
+    if repo_id is None:
+        return
+    if repo_id.count("/") != 1:
+        planner.fail(("repo_id",), f"{repo_id!r} is not NAMESPACE/NAME (a user or organisation, then the model name)")
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        planner.fail(("repo_id",), first_line(error))

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from ..card import write_model_card
 from . import register_stage
-from .base import Stage, StageContext, StageOptions, StageResult
+from .base import Stage, StageContext, StageOptions, StageResult, check_repo_id
 
 
 class CardOptions(StageOptions):
@@ -19,6 +19,10 @@ class CardStage(Stage):
     name = "card"
     options_model = CardOptions
     main_process_only = True
+
+    def plan(self, shape, planner):
+        check_repo_id(planner, self.options.repo_id)
+        return shape
 
     def run(self, ctx: StageContext) -> StageResult:
         # results.json already holds every earlier stage: the runner writes it after each one.

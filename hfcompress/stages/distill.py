@@ -18,8 +18,12 @@ from ..distillation import (
     DistillationLoss,
     DistillationLossOptions,
     cached_teacher_logits,
+    check_same_vocab_size,
     check_same_vocabulary,
     distillation_compute_loss,
+    layer_subset_config,
+    layers_to_keep,
+    student_config,
     student_from_config,
     student_from_layers,
     teacher_for_student,
@@ -27,7 +31,7 @@ from ..distillation import (
     uniform_layer_map,
 )
 from ..errors import HfCompressError
-from ..modeling import load_tokenizer
+from ..modeling import load_config, load_tokenizer
 from ..recipe import ModelReference, StrictModel
 from ..sources import resolve_model_reference
 from ..training import TrainingOptions, train
@@ -119,6 +123,38 @@ class DistillStage(Stage):
                        student_layers=student.config.num_hidden_layers,
                        student_parameters=sum(p.numel() for p in student.parameters()))
         return StageResult(metrics=metrics)
+
+    def plan(self, shape, planner):
+        """The student's shape, with the run's checks: layer choices against the teacher's depth, the stage the
+        teacher comes from, the vocabulary, and the loss's layer map against both models."""
+        teacher = planner.model(self.options.teacher, shape, ("teacher",))
+        spec = self.options.student
+        layer_map = None
+        if spec.layers is not None or spec.num_layers is not None:
+            key = ("student", "layers" if spec.layers is not None else "num_layers")
+            with planner.checking(*key):
+                kept = layers_to_keep(teacher.config.num_hidden_layers, spec.layers, spec.num_layers, spec.strategy)
+            planner.require_full_precision(teacher)
+            student = shape.changed(planner.build(layer_subset_config(teacher.config, kept), type(teacher.model)))
+            layer_map = dict(enumerate(kept))
+        elif spec.config_overrides is not None:
+            with planner.checking("student", "config_overrides"):
+                init_from = resolve_model_reference(spec.init_from, "init_from") if spec.init_from else None
+                config, layer_map = student_config(teacher.config, spec.config_overrides, init_from)
+                student = shape.changed(planner.build(config))
+        elif spec.pretrained is not None:
+            with planner.checking("student", "pretrained"):
+                student = shape.changed(planner.build(load_config(spec.pretrained, "pretrained")))
+        else:
+            planner.require_full_precision(shape)
+            student = shape
+        with planner.checking("student"):
+            check_same_vocab_size(teacher.config, student.config)
+        if layer_map is None:
+            layer_map = uniform_layer_map(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
+        with planner.checking("loss"):
+            DistillationLoss.from_configs(self.options.loss, student.config, teacher.config, layer_map)
+        return student
 
     def _teacher_reference(self, ctx: StageContext) -> ModelReference:
         name = self.options.teacher

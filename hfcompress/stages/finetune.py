@@ -29,6 +29,10 @@ class FinetuneStage(Stage):
         ctx.save_model(model)
         return StageResult(metrics=training_metrics(ctx, state))
 
+    def plan(self, shape, planner):
+        planner.require_full_precision(shape)
+        return shape
+
 
 def training_metrics(ctx: StageContext, state) -> dict:
     return {

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from typing import Literal
 
 import torch
@@ -15,6 +16,7 @@ from pydantic import Field, model_validator
 from ..data import load_split_texts
 from ..evaluation import count_parameters, size_on_disk
 from ..pruning import (
+    adapter_for,
     ffn_importance,
     head_importance,
     layer_importance,
@@ -98,21 +100,12 @@ class PruneStage(Stage):
     def run(self, ctx: StageContext) -> StageResult:
         options = self.options
         model = ctx.load_model()
-        structural = options.layers or options.heads or options.ffn
+        random = options.selection == "random"
         batches = ctx.calibration_batches(options.calibration_samples, options.calibration_batch_size) \
-            if structural and options.selection == "importance" else []
-        seed = ctx.recipe.seed if options.seed is None else options.seed
-        chooser = _RandomChoice(seed) if options.selection == "random" else None
+            if self._kinds() and not random else []
+        scorer = _RandomChoice(self._seed(ctx.recipe)) if random else _Importance(options, batches)
         before = count_parameters(model)
-        removed = {}
-        if options.layers:
-            scores = chooser.scores(len(layer_shapes(model))) if chooser else layer_importance(model, batches, options.layers.method)
-            removed["layers"] = select_layers(scores, options.layers.drop)
-            prune_layers(model, removed["layers"])
-        if options.heads:
-            removed["heads"] = self._prune_heads(model, batches, chooser)
-        if options.ffn:
-            removed["ffn"] = self._prune_ffn(model, batches, chooser)
+        removed = {kind: getattr(self, f"_prune_{kind}")(model, scorer) for kind in self._kinds()}
         model.zero_grad(set_to_none=True)
         tokenizer, vocabulary = ctx.tokenizer, None
         if options.vocabulary:
@@ -169,23 +162,74 @@ class PruneStage(Stage):
                     metrics["test_unknown_rate_after"])
         return tokenizer, metrics
 
-    def _prune_heads(self, model, batches, chooser) -> dict[int, list[int]]:
+    def plan(self, shape, planner):
+        """Prune a structure-only copy with the run's own selection and surgery. Random selection is reproduced
+        exactly (same seed); importance scores need the weights, so random scores stand in: the counts removed,
+        and so the parameter count, are the same whenever every head (neuron, block) being chosen from costs the
+        same number of parameters, which holds unless blocks of different shapes are dropped."""
+        planner.require_full_precision(shape)
+        model = shape.copy_model()
+        with planner.checking():
+            adapter_for(model)
+        scorer = _RandomChoice(self._seed(planner.recipe))
+        exact = shape.exact
+        for kind in self._kinds():
+            budget = getattr(self.options, kind)
+            before = layer_shapes(model)
+            key = (kind, "drop") if kind == "layers" else (kind, "sparsity" if budget.sparsity is not None else "count")
+            with planner.checking(*key):
+                removed = getattr(self, f"_prune_{kind}")(model, scorer)
+            if kind == "layers":
+                exact = exact and len({(s.heads, s.kv_heads, s.ffn_size) for s in before}) == 1
+            else:
+                _check_budget_met(planner, key, budget, removed, before, kind)
+        scopes = [getattr(self.options, kind).scope for kind in ("heads", "ffn") if getattr(self.options, kind)]
+        known = shape.per_layer_known and (self.options.selection == "random" or set(scopes) <= {"uniform"})
+        if self.options.vocabulary:  # the tokens kept depend on the training data: the count is an upper bound
+            exact = False
+        return shape.changed(model, exact=exact, per_layer_known=known)
+
+    def _kinds(self) -> list[str]:
+        """The structural kinds, in the order they run in (the vocabulary comes after them, in `run`)."""
+        return [kind for kind in ("layers", "heads", "ffn") if getattr(self.options, kind)]
+
+    def _seed(self, recipe) -> int:
+        return recipe.seed if self.options.seed is None else self.options.seed
+
+    def _prune_layers(self, model, scorer) -> list[int]:
+        layers = select_layers(scorer.layer_scores(model), self.options.layers.drop)
+        prune_layers(model, layers)
+        return layers
+
+    def _prune_heads(self, model, scorer) -> dict[int, list[int]]:
         budget = self.options.heads
-        shapes = layer_shapes(model)
-        group_size = [shape.heads // shape.kv_heads for shape in shapes]
-        scores = chooser.per_layer([shape.heads for shape in shapes]) if chooser else head_importance(model, batches)
-        heads = select_heads(scores, budget.sparsity, budget.count, budget.scope, budget.min_per_layer,
-                             group_size=group_size, group_strategy=budget.group_strategy)
+        group_size = [shape.heads // shape.kv_heads for shape in layer_shapes(model)]
+        heads = select_heads(scorer.head_scores(model), budget.sparsity, budget.count, budget.scope,
+                             budget.min_per_layer, group_size=group_size, group_strategy=budget.group_strategy)
         prune_heads(model, heads)
         return heads
 
-    def _prune_ffn(self, model, batches, chooser) -> dict[int, list[int]]:
+    def _prune_ffn(self, model, scorer) -> dict[int, list[int]]:
         budget = self.options.ffn
-        sizes = [shape.ffn_size for shape in layer_shapes(model)]
-        scores = chooser.per_layer(sizes) if chooser else ffn_importance(model, batches, budget.method)
-        neurons = select_ffn(scores, budget.sparsity, budget.count, budget.scope)
+        neurons = select_ffn(scorer.ffn_scores(model), budget.sparsity, budget.count, budget.scope)
         prune_ffn(model, neurons)
         return neurons
+
+
+class _Importance:
+    """Measured importance on a few calibration batches."""
+
+    def __init__(self, options: PruneOptions, batches: list[dict]):
+        self.options, self.batches = options, batches
+
+    def layer_scores(self, model) -> torch.Tensor:
+        return layer_importance(model, self.batches, self.options.layers.method)
+
+    def head_scores(self, model):
+        return head_importance(model, self.batches)
+
+    def ffn_scores(self, model):
+        return ffn_importance(model, self.batches, self.options.ffn.method)
 
 
 class _RandomChoice:
@@ -194,11 +238,43 @@ class _RandomChoice:
     def __init__(self, seed: int):
         self.generator = torch.Generator().manual_seed(seed)
 
-    def scores(self, size: int) -> torch.Tensor:
+    def layer_scores(self, model) -> torch.Tensor:
+        return self._scores(len(layer_shapes(model)))
+
+    def head_scores(self, model) -> list[torch.Tensor]:
+        return [self._scores(shape.heads) for shape in layer_shapes(model)]
+
+    def ffn_scores(self, model) -> list[torch.Tensor]:
+        return [self._scores(shape.ffn_size) for shape in layer_shapes(model)]
+
+    def _scores(self, size: int) -> torch.Tensor:
         return torch.rand(size, generator=self.generator)
 
-    def per_layer(self, sizes: list[int]) -> list[torch.Tensor]:
-        return [self.scores(size) for size in sizes]
+
+def _check_budget_met(planner, key: tuple, budget, removed: dict, shapes: list, kind: str) -> None:
+    """A budget that removes nothing, or asks for more than the per-layer minimum leaves, is a recipe error (the
+    run would silently prune less than asked). `shapes` are the blocks before this kind was pruned."""
+    if kind == "heads":
+        unit_name, sizes, min_keep = "attention heads", [s.heads for s in shapes], budget.min_per_layer
+        # what goes at once: a whole key/value group, or one head from every group (grouped-query attention)
+        units = [s.heads // s.kv_heads if budget.group_strategy == "whole_groups" else s.kv_heads for s in shapes]
+    else:
+        unit_name, sizes, min_keep, units = "FFN neurons", [s.ffn_size for s in shapes], 1, [1] * len(shapes)
+    total = sum(sizes)
+    removable = sum((size - min_keep) // unit * unit for size, unit in zip(sizes, units) if size > min_keep)
+    if budget.scope == "global":
+        asked = budget.count if budget.count is not None else math.floor(budget.sparsity * total)
+    else:
+        asked = sum(budget.count // len(sizes) if budget.count is not None else math.floor(budget.sparsity * size)
+                    for size in sizes)
+    what = f"{key[-1]} {getattr(budget, key[-1])} ({budget.scope})"
+    if asked // max(units) * max(units) > removable:
+        planner.fail(key, f"{what} asks for {asked} of the {total} {unit_name} left, but keeping at least {min_keep} "
+                          f"in each of {len(sizes)} layers lets at most {removable} go (drop layers instead)")
+    if not any(removed.values()):
+        grouped = " (grouped-query attention: heads go in units of " + "/".join(map(str, sorted(set(units)))) + ")" \
+            if max(units) > 1 else ""
+        planner.fail(key, f"{what} removes none of the {total} {unit_name}: it rounds down to nothing{grouped}")
 
 
 def _counts(kind: str, removed) -> object:

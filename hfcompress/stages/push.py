@@ -6,7 +6,7 @@ from pydantic import Field
 
 from ..hub import push_run
 from . import register_stage
-from .base import Stage, StageContext, StageOptions, StageResult
+from .base import Stage, StageContext, StageOptions, StageResult, check_repo_id
 
 
 class PushOptions(StageOptions):
@@ -23,6 +23,10 @@ class PushStage(Stage):
     name = "push"
     options_model = PushOptions
     main_process_only = True
+
+    def plan(self, shape, planner):
+        check_repo_id(planner, self.options.repo_id)
+        return shape
 
     def run(self, ctx: StageContext) -> StageResult:
         options = self.options.model_dump(exclude={"repo_id"}, exclude_none=True)

@@ -10,7 +10,8 @@ from pydantic import Field, field_validator
 
 from ..errors import HfCompressError, first_line
 from ..evaluation import place_on
-from ..quantization import VariantOptions, quantize, save_quantized, variant_name
+from ..quantization import VariantOptions, get_backend, quantize, save_quantized, variant_name
+from ..quantization.base import task_heads
 from ..sources import resolve_model_reference
 from . import register_stage
 from .base import Stage, StageContext, StageOptions, StageResult
@@ -68,6 +69,25 @@ class QuantizeStage(Stage):
             rows=rows,
             model_subdir=chosen,
         )
+
+    def plan(self, shape, planner):
+        """Each variant's size estimated from the shapes; quanto group sizes checked against every layer's inputs.
+        Which variant goes on depends on its measured quality, unless `carry_forward` names one."""
+        planner.require_full_precision(shape)
+        names = [variant_name(variant) for variant in self.options.variants]
+        if self.options.carry_forward is not None and self.options.carry_forward not in names:
+            planner.fail(("carry_forward",),
+                         f"no variant named {self.options.carry_forward!r} (have: {', '.join(names)})")
+        sizes = {}
+        for index, (variant, name) in enumerate(zip(self.options.variants, names)):
+            backend = get_backend(variant.backend)
+            skip = task_heads(shape.model) + list(getattr(variant, "skip_modules", []))
+            if variant.backend == "quanto":
+                with planner.checking("variants", index, "group_size"):
+                    backend.check_group_size(shape.model, variant, skip)
+            sizes[name] = backend.estimated_size(shape.model, variant, skip)
+        carried = self.options.carry_forward or (names[0] if len(names) == 1 else "smallest within tolerance")
+        return shape.changed(quantization=carried, variant_sizes=sizes)
 
     def _variant(self, ctx: StageContext, source, variant, name: str, calibration) -> dict:
         """Quantize, save and evaluate one variant; its evaluation row."""
