@@ -100,7 +100,7 @@ def test_smollm2_recipe_shape_on_a_tiny_gqa_llama(tiny_llama_dir, tmp_path):
 
     shipped = yaml.safe_load(open(__import__("pathlib").Path(__file__).parents[1] / "recipes" / "smollm2-135m.yaml"))
     assert [next(iter(stage)) for stage in shipped["stages"]] == [
-        "evaluate", "prune", "evaluate", "distill", "evaluate", "quantize", "card"]
+        "evaluate", "prune", "evaluate", "distill", "evaluate", "quantize", "compare", "card"]
     fast = {"timing_iterations": 2, "throughput_batch_size": 2}
     recipe = lm_recipe(tiny_llama_dir, tmp_path / "run", [
         {"evaluate": {**fast, "generation_prompt": "To be", "max_new_tokens": 4}},
@@ -111,6 +111,8 @@ def test_smollm2_recipe_shape_on_a_tiny_gqa_llama(tiny_llama_dir, tmp_path):
         {"evaluate": {**fast, "generation_prompt": "To be", "max_new_tokens": 4}},
         {"quantize": {"variants": [{"backend": "bitsandbytes", "bits": 4, "quant_type": "nf4"}],
                       "evaluate": fast}},
+        {"compare": {"rounds": 2, "block_calls": 2, "warmup_calls": 1, "throughput_batch_size": 2,
+                     "throughput_rounds": 1, "throughput_block_calls": 1}},
         {"card": {"model_cards_dir": str(tmp_path / "cards")}},
     ])
     results = run(recipe)
@@ -120,5 +122,7 @@ def test_smollm2_recipe_shape_on_a_tiny_gqa_llama(tiny_llama_dir, tmp_path):
     assert healed.config.num_hidden_layers == 3 and healed.config.num_key_value_heads == 1
     assert results["final_model_dir"] == "05-quantize/bnb-nf4"
     assert all(math.isfinite(row["metrics"]["perplexity"]) for row in results["rows"])
+    comparison = results["stages"][-2]["metrics"]["comparison"]
+    assert comparison["settings"]["throughput_unit"] == "tokens/s" and len(comparison["models"]) == 3
     card = (tmp_path / "cards" / "tiny-lm" / "README.md").read_text()
-    assert "To be" in card and "perplexity" in card
+    assert "To be" in card and "perplexity" in card and "timed round-robin" in card
