@@ -164,5 +164,7 @@ def test_validate_reports_what_the_data_holds(tmp_path, tiny_bert_dir, capsys):
     assert code == 0, err
     assert f"data: {data_file}: 39 rows; train 31, validation 4, test 4; classes 'neg' 20, 'pos' 19" in out
     assert f"warning: {data_file}: 1 of 40 rows has an empty 'label' (row 4): dropped" in out
-    assert out.rstrip().endswith("ok (2 stages: 01-finetune, 02-evaluate)")
+    lines = out.splitlines()
+    ok = next(index for index, line in enumerate(lines) if line.endswith("ok (2 stages: 01-finetune, 02-evaluate)"))
+    assert [line.split()[0] for line in lines[-2:]] == ["01-finetune", "02-evaluate"] and ok < len(lines) - 2  # the plan
     assert not (tmp_path / "run").exists()

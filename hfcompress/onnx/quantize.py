@@ -95,7 +95,7 @@ def _quantizing(kind: str, source: Path, keep_float: Iterable[str], gemms_as_mat
     # existing shape differ"), which stops the quantizers: let them infer every shape again.
     model = onnx.load(str(source))
     del model.graph.value_info[:]
-    exclude = nodes_reading(model, keep_float)
+    exclude = nodes_reading(model, keep_float) + [logits_node(model).name]
     exclude += [name + "_MatMul" for name in exclude]  # onnxruntime's own Gemm -> MatMul rewrite names them so
     if gemms_as_matmuls:
         rewrite_gemms_as_matmuls(model, skip=set(exclude))
@@ -114,6 +114,19 @@ def nodes_reading(model: onnx.ModelProto, module_names: Iterable[str]) -> list[s
     patterns = [re.compile(rf"(^|\.){re.escape(name)}\.") for name in module_names]
     weights = {tensor.name for tensor in model.graph.initializer if any(p.search(tensor.name) for p in patterns)}
     return [node.name for node in model.graph.node if weights.intersection(node.input)]
+
+
+PLUMBING_OPS = ("Add", "Reshape", "Identity", "Cast", "Squeeze", "Unsqueeze")
+
+
+def logits_node(model: onnx.ModelProto) -> onnx.NodeProto:
+    """The layer that computes the `logits` output (the task head), past bias adds and shape plumbing. The exporter
+    can give the head's weight a generic name (a folded, transposed constant), so name matching alone misses it."""
+    producer = {output: node for node in model.graph.node for output in node.output}
+    node = producer["logits"]
+    while node.op_type in PLUMBING_OPS:
+        node = next(producer[name] for name in node.input if name in producer)
+    return node
 
 
 def rewrite_gemms_as_matmuls(model: onnx.ModelProto, skip: set[str]) -> None:
