@@ -46,14 +46,16 @@ def tiny_llama(tokenizer, layers=3, tie_word_embeddings=True):
     return LlamaForCausalLM(config).eval()
 
 
+def save_layer_pruned_llama(folder, tokenizer, tie_word_embeddings):
+    """A 3-block Llama with its middle block dropped (2 blocks left), saved with the tokenizer."""
+    prune_layers(tiny_llama(tokenizer, tie_word_embeddings=tie_word_embeddings), [1]).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 @pytest.fixture(scope="module", params=[True, False], ids=["tied", "untied"])
 def llama_dir(request, tmp_path_factory, bpe_tokenizer):
-    """A 3-block Llama with its middle block dropped (2 blocks left), saved with the tokenizer."""
-    folder = tmp_path_factory.mktemp("llama")
-    model = prune_layers(tiny_llama(bpe_tokenizer, tie_word_embeddings=request.param), [1])
-    model.save_pretrained(folder)
-    bpe_tokenizer.save_pretrained(folder)
-    return folder
+    return save_layer_pruned_llama(tmp_path_factory.mktemp("llama"), bpe_tokenizer, request.param)
 
 
 @pytest.fixture(scope="module")
@@ -162,12 +164,13 @@ def test_bad_gguf_type_is_a_one_line_error():
         parse_variant({"backend": "gguf", "type": "q4_k"})
 
 
-def test_the_quantize_stage_evaluates_gptq_and_gguf_variants(llama_dir, tmp_path):
+def test_the_quantize_stage_evaluates_gptq_and_gguf_variants(bpe_tokenizer, tmp_path):
     """GPTQ calibrated on the task's training blocks, round-to-nearest and a GGUF file: each a row of the table,
     each folder reloadable (compressed-tensors by plain transformers, GGUF through `gguf_file=`)."""
     from hfcompress import run
     from hfcompress.recipe import parse_recipe
 
+    llama_dir = save_layer_pruned_llama(tmp_path / "llama", bpe_tokenizer, tie_word_embeddings=True)
     fast = {"timing_iterations": 1, "timing_warmup": 0, "throughput_batch_size": 2, "per_device_eval_batch_size": 4}
     recipe = parse_recipe({
         "name": "tiny-gguf", "seed": 0, "teacher": str(llama_dir), "output_dir": str(tmp_path / "run"),
