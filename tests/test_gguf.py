@@ -166,7 +166,8 @@ def test_bad_gguf_type_is_a_one_line_error():
 
 def test_the_quantize_stage_evaluates_gptq_and_gguf_variants(bpe_tokenizer, tmp_path):
     """GPTQ calibrated on the task's training blocks, round-to-nearest and a GGUF file: each a row of the table,
-    each folder reloadable (compressed-tensors by plain transformers, GGUF through `gguf_file=`)."""
+    each folder reloadable (compressed-tensors by plain transformers, GGUF through `gguf_file=`); the card of the
+    GGUF variant loads it with `gguf_file=`."""
     from hfcompress import run
     from hfcompress.recipe import parse_recipe
 
@@ -180,7 +181,9 @@ def test_the_quantize_stage_evaluates_gptq_and_gguf_variants(bpe_tokenizer, tmp_
         "stages": [{"quantize": {"variants": [
             {"backend": "gptq", "bits": 4, "group_size": 32, "act_order": True},
             {"backend": "compressed-tensors", "bits": 4, "group_size": 32},
-            {"backend": "gguf", "type": "q8_0"}], "calibration_samples": 16, "evaluate": fast}}],
+            {"backend": "gguf", "type": "q8_0"}], "calibration_samples": 16, "evaluate": fast,
+            "carry_forward": "gguf-q8_0"}},
+            {"card": {"model_cards_dir": str(tmp_path / "cards")}}],
     })
     results = run(recipe)
     rows = {row["label"]: row["metrics"] for row in results["rows"]}
@@ -190,4 +193,6 @@ def test_the_quantize_stage_evaluates_gptq_and_gguf_variants(bpe_tokenizer, tmp_
     gptq = AutoModelForCausalLM.from_pretrained(stage_dir / "gptq-int4-g32-ao", dtype=torch.float32)
     assert type(gptq).__name__ == "LlamaForCausalLM"
     assert type(hfcompress.from_pretrained(stage_dir / "gguf-q8_0")).__name__ == "LlamaForCausalLM"
+    card = (tmp_path / "cards" / "tiny-gguf" / "README.md").read_text()
+    assert 'from_pretrained("' in card and 'gguf_file="model-q8_0.gguf")' in card and "llama.cpp runs it" in card
     assert rows["01-quantize/gguf-q8_0"]["size_on_disk_bytes"] == (stage_dir / "gguf-q8_0" / "model-q8_0.gguf").stat().st_size
