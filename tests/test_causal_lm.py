@@ -100,7 +100,7 @@ def test_smollm2_recipe_shape_on_a_tiny_gqa_llama(tiny_llama_dir, tmp_path):
 
     shipped = yaml.safe_load(open(__import__("pathlib").Path(__file__).parents[1] / "recipes" / "smollm2-135m.yaml"))
     assert [next(iter(stage)) for stage in shipped["stages"]] == [
-        "evaluate", "prune", "evaluate", "distill", "evaluate", "quantize", "card"]
+        "evaluate", "prune", "evaluate", "distill", "evaluate", "quantize", "compare", "card"]
     fast = {"timing_iterations": 2, "throughput_batch_size": 2}
     recipe = lm_recipe(tiny_llama_dir, tmp_path / "run", [
         {"evaluate": {**fast, "generation_prompt": "To be", "max_new_tokens": 4}},
