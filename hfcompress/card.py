@@ -28,7 +28,7 @@ PLOT_FILE = "size_vs_quality.png"
 PIPELINE_TAGS = {"text-classification": "text-classification", "causal-lm": "text-generation"}
 AUTO_CLASSES = {"text-classification": "AutoModelForSequenceClassification", "causal-lm": "AutoModelForCausalLM"}
 STAGE_TAGS = {"distill": "distillation", "prune": "pruned", "quantize": "quantized"}
-HUB_LIBRARY_TAGS = {"bitsandbytes", "quanto", "onnx"}  # quantization backends that are also Hub library tags
+HUB_LIBRARY_TAGS = {"bitsandbytes", "quanto", "onnx", "compressed-tensors", "gguf"}  # backends that are also Hub tags
 REPO_PLACEHOLDER = "YOUR_NAMESPACE/{name}"
 
 # A model id quoted in the loading code of a card, e.g. from_pretrained('sentence-transformers/all-MiniLM-L6-v2').
@@ -50,7 +50,7 @@ class Teacher:
 
 @dataclass(frozen=True)
 class Quantization:
-    backend: str  # bitsandbytes | quanto | half
+    backend: str  # bitsandbytes | quanto | half | compressed-tensors | gptq | gguf
     bits: int | None
     details: dict
 
@@ -132,6 +132,9 @@ def _bits(details: dict, bnb_config: dict | None) -> int | None:
         return 4 if bnb_config.get("load_in_4bit") else 8 if bnb_config.get("load_in_8bit") else None
     if isinstance(details.get("bits"), int):
         return details["bits"]
+    if details.get("backend") == "gguf":  # f16, q8_0, q4_0, ...
+        match = re.search(r"(\d+)", str(details.get("type", "")))
+        return int(match.group(1)) if match else None
     for key in ("weights", "dtype"):  # e.g. quanto "qint8" / "int4", half "float16" / "bfloat16"
         match = re.search(r"(\d+)$", str(details.get(key, "")))
         if match:
@@ -457,6 +460,8 @@ def _usage(run: Run, repo_id: str | None) -> str:
         arguments.append("trust_remote_code=True")
     if quantization is not None and quantization.backend == "bitsandbytes":
         arguments.append('device_map="cpu"')
+    if quantization is not None and quantization.backend == "gguf":
+        arguments.append(f'gguf_file="{quantization.details["gguf_file"]}"')
     packages = ["transformers", "torch", *_runtime_packages(quantization)]
     code = [
         f"# pip install {' '.join(packages)}",
@@ -509,7 +514,8 @@ def onnx_usage(repo: str, task_type: str) -> str:
 def _runtime_packages(quantization: Quantization | None) -> list[str]:
     if quantization is None:
         return []
-    return {"bitsandbytes": ["bitsandbytes"], "quanto": ["optimum-quanto"]}.get(quantization.backend, [])
+    return {"bitsandbytes": ["bitsandbytes"], "quanto": ["optimum-quanto"], "compressed-tensors": ["compressed-tensors"],
+            "gptq": ["compressed-tensors"], "gguf": ["gguf"]}.get(quantization.backend, [])
 
 
 def _bnb_embeddings(quantization: Quantization | None) -> bool:
@@ -544,6 +550,13 @@ def _usage_notes(run: Run, quantization: Quantization | None) -> list[str]:
     if quantization is not None and quantization.backend == "quanto":
         notes.append("The weights are optimum-quanto tensors, which transformers cannot load by itself: the modeling "
                      "file rebuilds them with `optimum.quanto.requantize` (`pip install optimum-quanto`), on the CPU.")
+    if quantization is not None and quantization.backend in ("compressed-tensors", "gptq"):
+        notes.append("The Linear weights are a compressed-tensors `pack-quantized` checkpoint (needs "
+                     "`pip install compressed-tensors`); transformers unpacks them at the first forward, and vLLM "
+                     "serves the checkpoint as it is.")
+    if quantization is not None and quantization.backend == "gguf":
+        notes.append(f"The weights are one llama.cpp GGUF file (`{quantization.details['gguf_file']}`): llama.cpp "
+                     "runs it as it is; transformers dequantizes it to float when loading (needs `pip install gguf`).")
     if quantization is not None and quantization.backend == "bitsandbytes":
         if _bnb_embeddings(quantization):
             notes.append("The word embeddings are quantized too (bitsandbytes `Embedding8bit`/`Embedding4bit`) and "

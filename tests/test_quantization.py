@@ -101,7 +101,7 @@ def calibration_batches():
     ({"backend": "bitsandbytes", "bits": 8, "quant_type": "fp4"}, ": Value error, quant_type only applies to bits: 4"),
     ({"backend": "bitsandbytes", "bits": 4, "llm_int8_threshold": 5.0}, "llm_int8_threshold only applies to bits: 8"),
     ({"backend": "bitsandbytes", "bits": 8, "threshold": 5.0}, "threshold: Extra inputs are not permitted"),
-    ({"backend": "gptq", "bits": 4}, "backend: backend must be one of: bitsandbytes, quanto, half"),
+    ({"backend": "awq", "bits": 4}, "backend: backend must be one of: bitsandbytes, quanto, half"),
     ({"bits": 8}, "backend: backend must be one of: bitsandbytes, quanto, half"),
     ({"backend": "quanto", "weights": "int3"}, "weights: Input should be 'int8', 'int4' or 'int2'"),
     ({"backend": "quanto", "quantize_embeddings": True}, "optimum-quanto has no quantized Embedding module"),

@@ -58,7 +58,7 @@ def test_carry_forward_by_name_and_unknown_name(tmp_path, bert64_dir, reviews_cs
 @pytest.mark.parametrize("variant, message", [
     ({"backend": "bitsandbytes", "bits": 3}, r"variants\[0\].bitsandbytes.bits: Input should be 8 or 4"),
     ({"backend": "bitsandbytes", "bits": 4, "quant_type": "nf3"}, r"quant_type: Input should be 'nf4' or 'fp4'"),
-    ({"backend": "gptq", "bits": 4}, r"variants\[0\]: backend must be one of: bitsandbytes, quanto, half"),
+    ({"backend": "awq", "bits": 4}, r"variants\[0\]: backend must be one of: bitsandbytes, quanto, half"),
 ])
 def test_bad_variants_fail_recipe_validation(tmp_path, bert64_dir, reviews_csv, variant, message):
     recipe = classification_recipe(bert64_dir, reviews_csv, tmp_path, stages=[{"quantize": {"variants": [variant]}}])

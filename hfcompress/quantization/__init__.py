@@ -1,4 +1,5 @@
-"""Quantization: one module per backend (bitsandbytes, quanto, half, onnx) behind one interface.
+"""Quantization and export formats: one module per backend (bitsandbytes, quanto, half, onnx,
+compressed-tensors, gptq, gguf) behind one interface.
 
     variant = parse_variant({"backend": "bitsandbytes", "bits": 8})
     model = quantize(model_dir, AutoModelForSequenceClassification, variant, calibration_batches=None)
@@ -16,9 +17,15 @@ from torch import nn
 from ..errors import HfCompressError
 from .base import RECORD_FILE, QuantizationBackend, memory_footprint, modules_of_types, read_record, size_on_disk
 from .bitsandbytes import BitsAndBytesBackend
+from .compressed_tensors import CompressedTensorsBackend
+from .gguf import GgufBackend
+from .gptq import GptqBackend
 from .half import HalfBackend
 from .options import (
     BitsAndBytesOptions,
+    CompressedTensorsOptions,
+    GgufOptions,
+    GptqOptions,
     HalfOptions,
     OnnxOptions,
     QuantoOptions,
@@ -30,7 +37,8 @@ from .onnx import OnnxBackend
 from .quanto import QuantoBackend
 
 BACKENDS: dict[str, QuantizationBackend] = {
-    backend.name: backend for backend in (BitsAndBytesBackend(), QuantoBackend(), HalfBackend(), OnnxBackend())
+    backend.name: backend for backend in (BitsAndBytesBackend(), QuantoBackend(), HalfBackend(), OnnxBackend(),
+                                          CompressedTensorsBackend(), GptqBackend(), GgufBackend())
 }
 
 
@@ -69,6 +77,9 @@ __all__ = [
     "BACKENDS",
     "RECORD_FILE",
     "BitsAndBytesOptions",
+    "CompressedTensorsOptions",
+    "GgufOptions",
+    "GptqOptions",
     "HalfOptions",
     "OnnxOptions",
     "QuantizationBackend",

@@ -5,6 +5,9 @@
     {backend: quanto, weights: int4, activations: int8, calibration_batches: 8}
     {backend: half, dtype: bfloat16}
     {backend: onnx, quantization: int8-dynamic, optimize: true}
+    {backend: compressed-tensors, bits: 4, group_size: 64}          round-to-nearest, a compressed-tensors checkpoint
+    {backend: gptq, bits: 4, group_size: 64, act_order: true, damp: 0.01}   the same format, calibrated (GPTQ)
+    {backend: gguf, type: q8_0}                                       a llama.cpp GGUF file
 """
 
 from __future__ import annotations
@@ -109,7 +112,45 @@ class OnnxOptions(_Variant):
         return self
 
 
-BACKEND_NAMES = ("bitsandbytes", "quanto", "half", "onnx")
+
+class CompressedTensorsOptions(_Variant):
+    """Integer weights in groups, rounded to nearest, saved as a compressed-tensors `pack-quantized` checkpoint
+    (W4A16 / W8A16) that plain `AutoModelForCausalLM.from_pretrained` and vLLM load."""
+
+    backend: Literal["compressed-tensors"]
+    bits: Literal[4, 8] = 4
+    # Input features per scale (and zero point). None: one scale per output row (compressed-tensors' "channel").
+    group_size: int | None = Field(128, ge=8)
+    symmetric: bool = True  # False: a zero point per group as well
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # of the scales and the unquantized weights
+    skip_modules: list[str] = Field(default_factory=list)  # kept in full precision, besides the task head
+
+    @model_validator(mode="after")
+    def _symmetric_only(self):
+        if not self.symmetric:
+            raise ValueError("symmetric: false writes packed zero points, which transformers 5.24 (with "
+                             "compressed-tensors 0.20) rejects as a size mismatch when loading; use symmetric: true")
+        return self
+
+
+class GptqOptions(CompressedTensorsOptions):
+    """GPTQ (Frantar et al. 2022): the same format, each weight column rounded with the error of the columns
+    before it pushed onto the ones after, as the layer's input Hessian on the training text says."""
+
+    backend: Literal["gptq"]  # type: ignore[assignment]
+    act_order: bool = False  # columns in order of decreasing Hessian diagonal (groups stay contiguous)
+    damp: float = Field(0.01, gt=0, description="added to the Hessian diagonal, as a fraction of its mean")
+    block_size: int = Field(128, ge=1, description="columns whose updates are applied together (speed only)")
+
+
+class GgufOptions(_Variant):
+    """A llama.cpp GGUF file (Llama architecture), evaluated as transformers loads it back (`gguf_file=`)."""
+
+    backend: Literal["gguf"]
+    type: Literal["f32", "f16", "bf16", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1"] = "q8_0"
+
+
+BACKEND_NAMES = ("bitsandbytes", "quanto", "half", "onnx", "compressed-tensors", "gptq", "gguf")
 
 
 def _backend_of(value) -> str | None:
@@ -122,6 +163,9 @@ VariantOptions = Annotated[
         Annotated[QuantoOptions, Tag("quanto")],
         Annotated[HalfOptions, Tag("half")],
         Annotated[OnnxOptions, Tag("onnx")],
+        Annotated[CompressedTensorsOptions, Tag("compressed-tensors")],
+        Annotated[GptqOptions, Tag("gptq")],
+        Annotated[GgufOptions, Tag("gguf")],
     ],
     Discriminator(
         _backend_of,
@@ -132,7 +176,8 @@ VariantOptions = Annotated[
 _VARIANT_ADAPTER = TypeAdapter(VariantOptions)
 
 
-def parse_variant(data: dict) -> BitsAndBytesOptions | QuantoOptions | HalfOptions | OnnxOptions:
+def parse_variant(data: dict) -> (BitsAndBytesOptions | QuantoOptions | HalfOptions | OnnxOptions
+                                  | CompressedTensorsOptions | GptqOptions | GgufOptions):
     """Validate one variant given as a dict; its problems become one HfCompressError line."""
     try:
         return _VARIANT_ADAPTER.validate_python(data)
@@ -157,6 +202,13 @@ def variant_name(variant) -> str:
         return _onnx_variant_name(variant)
     if variant.backend == "half":
         return {"float16": "fp16", "bfloat16": "bf16"}[variant.dtype]
+    if variant.backend == "gguf":
+        return f"gguf-{variant.type}"
+    if variant.backend in ("compressed-tensors", "gptq"):
+        method = "gptq" if variant.backend == "gptq" else "rtn"
+        name = f"{method}-int{variant.bits}" + (f"-g{variant.group_size}" if variant.group_size else "")
+        name += "" if variant.symmetric else "-asym"
+        return name + ("-ao" if variant.backend == "gptq" and variant.act_order else "")
     if variant.backend == "bitsandbytes":
         name = "bnb-int8" if variant.bits == 8 else f"bnb-{variant.quant_type}"
         name += "-dq" if variant.bits == 4 and variant.double_quant else ""

@@ -1,0 +1,168 @@
+"""compressed-tensors: integer weights in groups, saved as a `pack-quantized` checkpoint (W4A16 / W8A16).
+
+This is the format vLLM serves and transformers reads by itself: `AutoModelForCausalLM.from_pretrained(folder)`
+loads it with nothing but the `compressed-tensors` package installed. This backend rounds each weight to the
+nearest level of its group (RTN); the `gptq` backend (gptq.py) chooses the levels with calibration data and
+writes the same format.
+
+The returned model is the compressed one (packed int32 weights, unpacked at every forward), in float32 like the
+other variants; its float weights and scales are rounded through `variant.dtype` first, which is the dtype the
+checkpoint stores them in, so the checkpoint reloaded with `dtype=torch.float32` gives the same logits.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..errors import HfCompressError
+from .base import QuantizationBackend, is_pruned, load_full_precision, task_head_names, write_record
+from .options import CompressedTensorsOptions
+
+FORMAT = "pack-quantized"
+QParams = tuple[torch.Tensor, torch.Tensor]  # scale and zero point, one column per group
+
+
+class CompressedTensorsBackend(QuantizationBackend):
+    name = "compressed-tensors"
+    package = "compressed_tensors"
+    pip_name = "compressed-tensors"
+
+    def quantize(self, model_dir: Path, model_class, variant: CompressedTensorsOptions,
+                 calibration_batches: Iterable[dict] | None = None) -> nn.Module:
+        self.require_package()
+        if is_pruned(model_dir):
+            raise HfCompressError(f"{model_dir}: its blocks differ in shape (pruning_structure.json), which "
+                                  f"config.json cannot describe, so a compressed-tensors checkpoint of it would not "
+                                  f"load with plain transformers; use backend quanto or bitsandbytes")
+        model = load_full_precision(model_dir, model_class, dtype=torch.float32)
+        round_through(model, getattr(torch, variant.dtype))
+        skipped = task_head_names(model_dir, model_class) + variant.skip_modules
+        targets = quantization_targets(model, skipped, variant.group_size)
+        qparams = self.quantize_weights(model, targets, variant, calibration_batches)
+        compress(model, weight_args(variant), qparams, ignore=unquantized_linears(model, targets))
+        return model.eval()
+
+    def quantize_weights(self, model: nn.Module, targets: dict[str, nn.Linear], variant: CompressedTensorsOptions,
+                         calibration_batches: Iterable[dict] | None) -> dict[str, QParams]:
+        """Replace each target's weight by its quantized (dequantized) values; its scale and zero point."""
+        args, dtype = weight_args(variant), getattr(torch, variant.dtype)
+        qparams = {}
+        with torch.no_grad():
+            for name, layer in targets.items():
+                layer.weight.data, *qparams[name] = round_to_nearest(layer.weight.data, args, dtype)
+        return qparams
+
+    def save(self, model: nn.Module, out_dir: Path, variant: CompressedTensorsOptions) -> None:
+        from compressed_tensors.compressors import ModelCompressor
+
+        out_dir = Path(out_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        compressor = ModelCompressor.from_pretrained_model(model, quantization_format=FORMAT)
+        # The first forward unpacks the weights in place (compressed-tensors' hook): pack them again. Exact, since
+        # every weight is already on its group's grid.
+        compressor.compress_model(model, skip_compressed=True)
+        compute_dtype = next(model.parameters()).dtype
+        model.to(getattr(torch, variant.dtype))  # exact too: every float was rounded through this dtype already
+        try:
+            model.save_pretrained(out_dir)
+        finally:
+            model.to(compute_dtype)
+        compressor.update_config(str(out_dir))
+        write_record(out_dir, variant)
+
+    def load(self, path: Path, model_class) -> nn.Module:
+        self.require_package()
+        return model_class.from_pretrained(str(path), dtype=torch.float32).eval()
+
+
+def weight_args(variant: CompressedTensorsOptions, strategy: str | None = None):
+    """compressed-tensors' description of the weights: int, `bits`, symmetric or not, by group or by row."""
+    from compressed_tensors.quantization import QuantizationArgs
+
+    strategy = strategy or ("group" if variant.group_size else "channel")
+    return QuantizationArgs(num_bits=variant.bits, type="int", symmetric=variant.symmetric, strategy=strategy,
+                            group_size=variant.group_size if strategy == "group" else None)
+
+
+def round_through(model: nn.Module, dtype: torch.dtype) -> None:
+    """Round every float parameter to the values `dtype` can hold (the model keeps its own dtype).
+
+    Buffers are left alone: the rotary frequencies are recomputed in float32 when the checkpoint is loaded.
+    """
+    with torch.no_grad():
+        for parameter in model.parameters():
+            if parameter.is_floating_point():
+                parameter.data = parameter.data.to(dtype).to(parameter.dtype)
+
+
+def quantization_targets(model: nn.Module, skipped: list[str], group_size: int | None) -> dict[str, nn.Linear]:
+    """The Linear layers to quantize (all but the skipped modules and their children), checked against the format."""
+    def is_skipped(name: str) -> bool:
+        return any(name == skip or name.startswith(skip + ".") for skip in skipped)
+
+    targets = {}
+    for name, module in model.named_modules():
+        if is_skipped(name):
+            continue
+        if isinstance(module, Conv1D):
+            raise HfCompressError(f"compressed-tensors quantizes nn.Linear layers; {name} is a GPT-2 style Conv1D, "
+                                  f"so {model.config.model_type} models cannot be written in this format")
+        if isinstance(module, nn.Linear):
+            check_group_size(name, module.in_features, group_size)
+            targets[name] = module
+    if not targets:
+        raise HfCompressError("compressed-tensors: the model has no Linear layer left to quantize")
+    return targets
+
+
+def check_group_size(name: str, in_features: int, group_size: int | None) -> None:
+    if group_size and in_features % group_size:
+        raise HfCompressError(f"group_size {group_size} does not divide the {in_features} input features of {name}: "
+                              f"choose a divisor of {in_features}, or skip_modules: [{name}]")
+
+
+def unquantized_linears(model: nn.Module, targets: dict[str, nn.Linear]) -> list[str]:
+    """compressed-tensors' `ignore` list: every other Linear, by its full name (what vLLM matches too)."""
+    return [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and name not in targets]
+
+
+def group_qparams(weight: torch.Tensor, args, dtype: torch.dtype, group_size: int | None = None) -> QParams:
+    """Scale and zero point of every group of `group_size` columns (default: the args' group, else the whole row),
+    from the group's minimum and maximum; the scale rounded to what `dtype` stores."""
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    rows, columns = weight.shape
+    group_size = group_size or args.group_size or columns
+    groups = weight.reshape(rows, columns // group_size, group_size)
+    scale, zero_point = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
+    return scale.to(dtype).to(weight.dtype), zero_point
+
+
+def round_to_nearest(weight: torch.Tensor, args, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The weight rounded to its group's nearest level (as float), the scales and the zero points."""
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
+
+    scale, zero_point = group_qparams(weight, args, dtype)
+    return fake_quantize(weight, scale, zero_point, args), scale, zero_point
+
+
+def compress(model: nn.Module, args, qparams: dict[str, QParams], ignore: list[str]) -> None:
+    """Attach the quantization scheme with the given scales, then pack the weights (in place)."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, QuantizationScheme, apply_quantization_config
+
+    config = QuantizationConfig(config_groups={"group_0": QuantizationScheme(targets=["Linear"], weights=args)},
+                                ignore=ignore)
+    apply_quantization_config(model, config)
+    with torch.no_grad():
+        for name, (scale, zero_point) in qparams.items():
+            module = model.get_submodule(name)
+            module.weight_scale.data = scale.to(module.weight_scale.dtype)
+            if hasattr(module, "weight_zero_point"):
+                module.weight_zero_point.data = zero_point.to(module.weight_zero_point.dtype)
+    ModelCompressor.from_pretrained_model(model, quantization_format=FORMAT).compress_model(model)
