@@ -15,6 +15,7 @@ from ..errors import HfCompressError
 from ..fileio import read_json, write_json
 from ..evaluation import memory_footprint, size_on_disk  # noqa: F401  (re-exported)
 from ..pruning.checkpoint import save_pruned  # noqa: F401  (shared with the backends)
+from ..pruning.structure import STRUCTURE_KEY, read_legacy_structure
 from .options import variant_name
 
 RECORD_FILE = "quantization.json"
@@ -108,6 +109,13 @@ def modules_of_types(model: nn.Module, types: Iterable[str]) -> dict[str, str]:
 # A pruned model whose blocks differ in shape carries `pruning_structure` in config.json (see hfcompress.pruning), and
 # only the `Compressed<Class>` of hfcompress/modeling_hfcompress.py builds it. Every backend loads such a model through
 # `load_pruned` and saves it with `save_pruned`, which keeps the record and the modeling code with the checkpoint.
+
+
+def is_pruned(folder: Path) -> bool:
+    """Whether the checkpoint's blocks differ in shape: config.json carries a pruning structure (or an older
+    checkpoint its `pruning_structure.json`). Formats with one shape for every block cannot hold such a model."""
+    config = Path(folder) / "config.json"
+    return bool(config.is_file() and read_json(config).get(STRUCTURE_KEY)) or read_legacy_structure(folder) is not None
 
 
 def load_full_precision(model_dir: Path, model_class, **kwargs) -> nn.Module:

@@ -36,7 +36,7 @@ class CompressedTensorsBackend(QuantizationBackend):
                  calibration_batches: Iterable[dict] | None = None) -> nn.Module:
         self.require_package()
         if is_pruned(model_dir):
-            raise HfCompressError(f"{model_dir}: its blocks differ in shape (pruning_structure.json), which "
+            raise HfCompressError(f"{model_dir}: its blocks differ in shape (config.json `pruning_structure`), which "
                                   f"config.json cannot describe, so a compressed-tensors checkpoint of it would not "
                                   f"load with plain transformers; use backend quanto or bitsandbytes")
         model = load_full_precision(model_dir, model_class, dtype=torch.float32)

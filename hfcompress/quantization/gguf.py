@@ -42,7 +42,7 @@ class GgufBackend(QuantizationBackend):
         """Write the GGUF file (into a temporary folder, removed with the model) and load it back."""
         self.require_package()
         if is_pruned(model_dir):
-            raise HfCompressError(f"{model_dir}: its blocks differ in shape (pruning_structure.json), and GGUF's llama "
+            raise HfCompressError(f"{model_dir}: its blocks differ in shape (config.json `pruning_structure`), and GGUF's llama "
                                   f"architecture has one head count and one FFN width for every block")
         model = load_full_precision(model_dir, model_class, dtype=torch.float32)
         folder = Path(tempfile.mkdtemp(prefix="hfcompress-gguf-"))
