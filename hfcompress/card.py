@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from .modeling_hfcompress import QUANTO_KEY, STRUCTURE_KEY
 from .pruning.structure import LEGACY_STRUCTURE_FILE
 from .plotting import plot_size_vs_quality
 from .report import latest_comparison, load_results, paired_timing
+from .search import SEARCH_FILE
 from .sources import local_path
 
 CARD_FILE = "README.md"
@@ -60,6 +62,7 @@ class Run:
     results: dict
     recipe_text: str
     final_dir: Path | None
+    search: dict | None = None  # what `hfcompress search` tried before it chose this run
 
     @property
     def task(self) -> dict:
@@ -108,7 +111,9 @@ def load_run(run_dir: Path) -> Run:
     recipe_path = run_dir / "recipe.yaml"
     recipe_text = recipe_path.read_text(encoding="utf-8") if recipe_path.is_file() else ""
     final = results.get("final_model_dir")
-    return Run(results=results, recipe_text=recipe_text, final_dir=run_dir / final if final else None)
+    search = run_dir / SEARCH_FILE
+    return Run(results=results, recipe_text=recipe_text, final_dir=run_dir / final if final else None,
+               search=read_json(search) if search.is_file() else None)
 
 
 def read_quantization(folder: Path) -> Quantization | None:
@@ -258,6 +263,7 @@ def card_body(run: Run, teacher: Teacher, repo_id: str | None, plot_file: str | 
         _fidelity(run),
         _generations(run),
         _usage(run, repo_id),
+        _search(run),
         _recipe(run),
         _environment(run),
         _limitations(run, teacher),
@@ -568,6 +574,30 @@ def _usage_notes(run: Run, quantization: Quantization | None) -> list[str]:
         notes.append(f"The weights are stored in {quantization.details.get('dtype', 'half precision')}, and "
                      "`from_pretrained` loads them in that dtype (transformers 5 defaults to `dtype=\"auto\"`).")
     return ["", *notes] if notes else []
+
+
+def _search(run: Run) -> str | None:
+    """What the search tried: the budgets, how many candidates each filter left, and the trained ones."""
+    state = run.search
+    if not state:
+        return None
+    budgets = ", ".join(f"`{key}` {value}" for key, value in state["constraints"].items() if value is not None)
+    statuses = Counter(entry["status"].split(" (")[0].split(":")[0] for entry in state["candidates"].values())
+    lines = ["## How this model was chosen", "",
+             f"`hfcompress search` with {budgets} ({state['schedule']}) looked at {len(state['candidates'])} "
+             "candidates (student depth, head and FFN sparsity, vocabulary, quantization format): "
+             + "; ".join(f"{count} {status}" for status, count in statuses.items()) + ".", "",
+             "| candidate | training | size (MB) | quality kept (validation) | latency (ms) | on the front |",
+             "|---|---|---|---|---|---|"]
+    for point in sorted(state.get("points", []), key=lambda point: point["size_mb"]):
+        latency = f"{point['latency_ms']:.2f}" if point.get("latency_ms") is not None else "-"
+        lines.append(f"| {point['name']} | rung {point['rung']} | {point['size_mb']:.2f} | "
+                     f"{100 * point['quality']:.1f}% | {latency} | {'yes' if point.get('on_front') else ''} |")
+    chosen = state.get("chosen")
+    if chosen:
+        lines += ["", f"Chosen: **{chosen['name']}**" + (" (within every budget)." if chosen["meets"] else
+                                                          " (the closest to the budgets: none met them all).")]
+    return "\n".join(lines)
 
 
 def _recipe(run: Run) -> str | None:

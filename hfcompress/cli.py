@@ -1,4 +1,4 @@
-"""`hfcompress run | validate | report | compare | card | push | export` (and `python -m hfcompress`,
+"""`hfcompress run | search | validate | report | compare | card | push | export` (and `python -m hfcompress`,
 `accelerate launch -m hfcompress`)."""
 
 from __future__ import annotations
@@ -27,6 +27,17 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("recipe")
     validate.add_argument("--recipe-only", action="store_true", help="check the recipe alone, not the teacher and data")
     validate.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
+
+    search = commands.add_parser("search", help="search distillation, pruning, vocabulary and quantization for "
+                                                "the model that meets a budget (the recipe gives task and teacher)")
+    search.add_argument("recipe")
+    search.add_argument("--max-size-mb", type=float, help="size on disk of the final artefact")
+    search.add_argument("--min-quality", type=float, help="share of the teacher's quality kept, e.g. 0.99")
+    search.add_argument("--max-latency-ms", type=float, help="batch-1 latency on this machine (timed paired)")
+    search.add_argument("--min-speedup", type=float, help="times faster than the teacher at batch 1 (same pass)")
+    search.add_argument("--budget-minutes", type=float, help="no new candidate run starts after this (default 45)")
+    search.add_argument("--output-dir", help="search directory (default: the recipe's output_dir, or runs/<name>)")
+    search.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY.PATH=VALUE")
 
     report = commands.add_parser("report", help="print the stage-by-stage table of a finished run")
     report.add_argument("run_dir")
@@ -82,6 +93,16 @@ def _run(args) -> int:
     from .recipe import load_recipe
 
     run(load_recipe(args.recipe, args.overrides), output_dir=args.output_dir)
+    return 0
+
+
+def _search(args) -> int:
+    from .recipe import load_recipe
+    from .search import search
+
+    search(load_recipe(args.recipe, args.overrides), output_dir=args.output_dir, max_size_mb=args.max_size_mb,
+           min_quality=args.min_quality, max_latency_ms=args.max_latency_ms, min_speedup=args.min_speedup,
+           budget_minutes=args.budget_minutes)
     return 0
 
 
@@ -146,8 +167,8 @@ def _export(args) -> int:
     return 0
 
 
-COMMANDS = {"run": _run, "validate": _validate, "report": _report, "compare": _compare, "card": _card, "push": _push,
-            "export": _export}
+COMMANDS = {"run": _run, "search": _search, "validate": _validate, "report": _report, "compare": _compare, "card": _card,
+            "push": _push, "export": _export}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -12,6 +12,7 @@ variant is carried forward), the plan says so.
 from __future__ import annotations
 
 import copy
+from collections import Counter
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
 from typing import NoReturn
@@ -20,9 +21,11 @@ from accelerate import init_empty_weights
 from .errors import HfCompressError, first_line
 from .evaluation import count_parameters
 from .modeling import load_config
+from .modeling_hfcompress import apply_pruning_structure
 from .pruning.adapters import LayerShape, is_supported
-from .pruning.structure import layer_shapes
-from .recipe import Recipe
+from .pruning.structure import layer_shapes, read_legacy_structure, structure_of
+from .recipe import Recipe, format_key_path
+from .sources import resolve_model_reference
 from .tasks import make_task
 
 FP32_BYTES = 4
@@ -37,6 +40,7 @@ class ModelShape:
     variant_sizes: dict[str, int | None] = field(default_factory=dict)  # bytes per variant of the quantize stage
     exact: bool = True  # False where the count depends on choices only the run makes (e.g. uneven blocks dropped)
     per_layer_known: bool = True  # False where measured importance decides which blocks lose heads or neurons
+    vocabulary_pruned: bool = False  # its vocabulary is a subset of its teacher's (which reads it through a map)
 
     @property
     def config(self):
@@ -87,22 +91,42 @@ class PlannedStage:
 class Planner:
     """What a stage's `plan` method may use: the recipe, earlier models' shapes, and errors that name the key."""
 
-    def __init__(self, recipe: Recipe, label_names: list[str] | None = None, tokenizer=None):
+    def __init__(self, recipe: Recipe, label_names: list[str] | None = None, tokenizer=None,
+                 token_counts: Counter | None = None, count_vocabulary: bool = True):
         self.recipe = recipe
         self.task = make_task(recipe.task)
         self.label_names = label_names if label_names is not None else recipe.task.label_names
         self.tokenizer = tokenizer
+        self._token_counts = token_counts
+        self.count_vocabulary = count_vocabulary
         self.models: dict[str, ModelShape] = {}  # "teacher" and every model-producing stage so far
         self.index: int | None = None
         self.stage_name: str | None = None
+
+    def token_counts(self) -> Counter | None:
+        """The training split's token counts, with which a vocabulary step keeps exactly the tokens the run will
+        (read once, on first use); None where they cannot be had (then the count is an upper bound)."""
+        from .modeling import load_tokenizer
+        from .stages.prune import training_token_counts
+
+        if self._token_counts is None and self.count_vocabulary and self.task.type == "text-classification":
+            try:
+                self.tokenizer = self.tokenizer or load_tokenizer(self.recipe.teacher)
+                self._token_counts = training_token_counts(self.recipe, self.tokenizer)
+            except HfCompressError:
+                self.count_vocabulary = False
+        return self._token_counts
 
     @property
     def stage_id(self) -> str:
         return self.recipe.stage_ids()[self.index]
 
+    def stage_key(self, key: tuple) -> tuple:
+        return ("stages", self.index, self.stage_name, *key)
+
     def fail(self, key: tuple, message: str) -> NoReturn:
         """Reject the current stage's option at `key` (a path inside the stage's options)."""
-        raise self.recipe.problem(("stages", self.index, self.stage_name, *key), message)
+        raise self.recipe.problem(self.stage_key(key), message)
 
     @contextmanager
     def checking(self, *key):
@@ -113,12 +137,16 @@ class Planner:
             message = first_line(error)
             self.fail(key, message.removeprefix(f"{key[-1]}: ") if key else message)
 
-    def build(self, config, model_class=None):
-        """A model with this config on the meta device: its structure without memory for weights."""
+    def build(self, config, model_class=None, structure: dict | None = None):
+        """A model with this config on the meta device: its structure without memory for weights; a pruned
+        checkpoint's blocks get the shapes its structure records (by default the one in the config)."""
         from .distillation import build_model
 
         with init_empty_weights():
             model = build_model(model_class or self.task.model_class, config)
+            structure = structure or structure_of(config)
+            if structure:
+                apply_pruning_structure(model, structure)
         model.tie_weights()  # built on the meta device, tied embeddings come out untied
         return model
 
@@ -132,12 +160,21 @@ class Planner:
             return earlier[-1] if earlier else current
         if name in self.models:
             return self.models[name]
+        if "/" in name:  # a model outside the run (a Hub id, folder or pkg://): stage ids have no "/"
+            return self._outside_model(name, key)
         ids = self.recipe.stage_ids()
         if name in ids[self.index:]:
             self.fail(key, f"{name!r} runs after this stage ({self.stage_id}): name an earlier stage")
         if name in ids:
             self.fail(key, f"stage {name!r} produces no model (models before this stage: {', '.join(self.models)})")
         self.fail(key, f"no model named {name!r} (models before this stage: {', '.join(self.models)}, previous)")
+
+    def _outside_model(self, name: str, key: tuple) -> ModelShape:
+        try:
+            config = load_config(name, format_key_path(self.stage_key(key)))
+            return ModelShape(self.build(config, structure=_legacy_structure(name)))
+        except HfCompressError as error:
+            self.fail(key, first_line(error).split(": ", 1)[-1])
 
     def require_full_precision(self, shape: ModelShape) -> None:
         if shape.quantization:
@@ -151,7 +188,7 @@ class Planner:
         key = ("teacher", "name_or_path") if reference.gguf_file or reference.revision else ("teacher",)
         try:
             config = load_config(reference, "teacher", **self._label_kwargs())
-            model = self.build(config)
+            model = self.build(config, structure=_legacy_structure(reference.name_or_path))
         except HfCompressError as error:
             raise self.recipe.problem(key, first_line(error).removeprefix("teacher: ")) from None
         vocabulary = len(self.tokenizer) if self.tokenizer is not None else 0
@@ -169,15 +206,26 @@ class Planner:
                 "label2id": {name: index for index, name in enumerate(names)}}
 
 
-def plan_recipe(recipe: Recipe, label_names: list[str] | None = None, tokenizer=None) -> list[PlannedStage]:
+def _legacy_structure(name_or_path: str) -> dict | None:
+    """The pruning record a local checkpoint written before it moved into config.json keeps beside it."""
+    try:
+        return read_legacy_structure(resolve_model_reference(name_or_path, "teacher"))
+    except (HfCompressError, OSError):
+        return None  # a Hub id or a source the config loader already judged
+
+
+def plan_recipe(recipe: Recipe, label_names: list[str] | None = None, tokenizer=None,
+                token_counts: Counter | None = None, count_vocabulary: bool = True) -> list[PlannedStage]:
     """The model's shape after each stage, or a RecipeError naming the first option that cannot work.
 
     `label_names` and `tokenizer` are given when the data is already loaded (the run); otherwise the label set is
-    the recipe's `label_names`, and the teacher's config where the recipe gives none.
+    the recipe's `label_names`, and the teacher's config where the recipe gives none. A vocabulary step reads the
+    training split's token counts (`token_counts` when given; else read once, unless `count_vocabulary` is False)
+    and keeps exactly the tokens the run would.
     """
     from .stages import get_stage_class
 
-    planner = Planner(recipe, label_names, tokenizer)
+    planner = Planner(recipe, label_names, tokenizer, token_counts, count_vocabulary)
     shape = planner.teacher_shape()
     planner.models["teacher"] = shape
     planned = [PlannedStage("teacher", shape)]

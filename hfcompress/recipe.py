@@ -9,7 +9,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SerializeAsAny, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SerializeAsAny, ValidationError, field_validator
+from pydantic import model_validator
 
 from .errors import HfCompressError
 
@@ -105,6 +106,59 @@ class StageEntry(BaseModel):
         return {self.name: self.options.model_dump(mode="json")}
 
 
+def _default_search_formats() -> list:
+    return [{"backend": "onnx", "quantization": "int8-dynamic", "optimize": False},
+            {"backend": "bitsandbytes", "bits": 4, "quant_type": "nf4", "quantize_embeddings": True}]
+
+
+class SearchSpace(StrictModel):
+    """The candidates `hfcompress search` may try: every combination of these values."""
+
+    num_layers: list[int] = Field([2, 3, 4], min_length=1, description="student depth: blocks kept from the teacher")
+    heads_sparsity: list[float] = Field([0.0, 0.25, 0.5], min_length=1, description="share of heads pruned")
+    ffn_sparsity: list[float] = Field([0.0, 0.25, 0.5], min_length=1, description="share of FFN neurons pruned")
+    vocabulary: list[int | None] = Field([None, 1], min_length=1, description="min_frequency of a vocabulary step "
+                                                                              "(null: keep the whole vocabulary)")
+    quantization: list[dict[str, Any]] = Field(default_factory=_default_search_formats, min_length=1,
+                                               description="quantize variants, one per candidate")
+
+    @field_validator("num_layers")
+    @classmethod
+    def _positive_depths(cls, values):
+        if any(value < 1 for value in values):
+            raise ValueError("every depth must be at least 1")
+        return values
+
+    @field_validator("heads_sparsity", "ffn_sparsity")
+    @classmethod
+    def _sparsities(cls, values):
+        if any(not 0 <= value < 1 for value in values):
+            raise ValueError("sparsities are shares in [0, 1)")
+        return values
+
+
+class SearchOptions(StrictModel):
+    """`search:` (or `hfcompress search RECIPE --max-size-mb ...`): constraints, the space, and the schedule."""
+
+    max_size_mb: float | None = Field(None, gt=0, description="size on disk of the final artefact")
+    min_quality: float | None = Field(None, gt=0, description="share of the teacher's quality kept (0.99 = 99%), "
+                                                              "on the validation split")
+    max_latency_ms: float | None = Field(None, gt=0, description="batch-1 latency, timed paired on this machine")
+    min_speedup: float | None = Field(None, gt=0, description="times faster than the teacher at batch 1, timed in "
+                                                              "the same pass")
+    budget_minutes: float = Field(45.0, gt=0, description="no new candidate run starts after this")
+    space: SearchSpace = Field(default_factory=SearchSpace)
+    max_candidates: int = Field(9, ge=1, description="trained at the first rung: the largest that fit the size, "
+                                                     "taken in turn from each quantization format")
+    eta: int = Field(3, ge=2, description="successive halving: each rung keeps the best 1/eta")
+    num_train_epochs: float = Field(1.0, gt=0, description="the student's distillation at the last rung")
+    recovery_steps: int = Field(120, ge=1, description="distillation after pruning, at the last rung")
+    learning_rate: float = Field(1e-4, gt=0)
+    recovery_learning_rate: float = Field(5e-5, gt=0)
+    seeds: list[int] = Field([42, 43, 44], min_length=1, description="training seeds of the chosen candidate; its "
+                                                                     "test quality is their mean")
+
+
 class Recipe(StrictModel):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     seed: int = 42
@@ -113,6 +167,7 @@ class Recipe(StrictModel):
     output_dir: str | None = None
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
     stages: list[StageEntry] = Field(min_length=1)
+    search: SearchOptions | None = None  # what `hfcompress search` looks for (the stages give its teacher)
     # Where the recipe came from, so that checks made after parsing (the plan) can name the file and line too.
     _source: str = PrivateAttr("<recipe>")
     _yaml_root: Any = PrivateAttr(None)

@@ -76,9 +76,16 @@ def select_vocabulary(tokenizer, counts: Counter, min_frequency: int = 1, keep_t
 def apply_vocabulary(model, tokenizer, kept_ids: Sequence[int]):
     """Slice the model's embeddings (and LM head) to `kept_ids`, update its config; the rewritten tokenizer."""
     _check_not_quantized(model)
+    new_tokenizer = rewrite_tokenizer(tokenizer, sorted(kept_ids))
+    slice_vocabulary(model, kept_ids)
+    return new_tokenizer
+
+
+def slice_vocabulary(model, kept_ids: Sequence[int]) -> None:
+    """The model's half of `apply_vocabulary` (also what the plan does to a model on the meta device)."""
+    _check_not_quantized(model)
     kept = torch.tensor(sorted(kept_ids), dtype=torch.long)
     old_to_new = {old: new for new, old in enumerate(kept.tolist())}
-    new_tokenizer = rewrite_tokenizer(tokenizer, kept.tolist())
     old_size = model.get_input_embeddings().num_embeddings
     _slice_embeddings(model, kept, old_to_new.get(model.config.pad_token_id))
     _update_config(model, old_to_new, len(kept))
@@ -86,7 +93,6 @@ def apply_vocabulary(model, tokenizer, kept_ids: Sequence[int]):
     if stale:
         raise HfCompressError(f"vocabulary pruning: {type(model).__name__} has other weights of vocabulary size "
                               f"({', '.join(stale)}) that this function does not know how to slice")
-    return new_tokenizer
 
 
 def rewrite_tokenizer(tokenizer, kept_ids: Sequence[int]):

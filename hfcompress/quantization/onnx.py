@@ -16,15 +16,20 @@ import weakref
 from collections.abc import Iterable
 from pathlib import Path
 
+from torch import nn
 from transformers import AutoModelForCausalLM
 
 from ..errors import HfCompressError
 from ..evaluation import count_parameters
-from .base import QuantizationBackend, load_full_precision, task_head_names, write_record
+from .base import QuantizationBackend, estimate_checkpoint_bytes, load_full_precision, task_head_names
+from .base import write_record
 from .options import OnnxOptions
 
 logger = logging.getLogger(__name__)
 
+# The graph's nodes (names, shapes, exporter metadata) beside its weights: 361 kB for the quickstart's 3-block
+# student (238 nodes, torch.onnx dynamo export), about 120 kB per transformer block.
+GRAPH_BYTES_PER_BLOCK = 120_000
 _EXPORTS: dict[tuple, tuple[Path, int, object]] = {}  # (folder, class, newest file time) -> (graph, parameters, config)
 
 
@@ -83,6 +88,31 @@ class OnnxBackend(QuantizationBackend):
     def load(self, path: Path, model_class):
         self.require_package()
         return ort_class_for(model_class).from_pretrained(path)
+
+    def estimated_size(self, model: nn.Module, variant: OnnxOptions, skip: list[str]) -> int | None:
+        """The graph's weights and nodes: int8 puts one byte per weight in every linear layer (plus a float32 scale and a
+        zero point per output channel) and in every embedding table; int4 half a byte per linear weight plus a
+        float32 scale per block and leaves embeddings float32. None with `optimize`: which fusions apply, and so
+        which weights stay float32 (a fused Attention's), is known only once the graph is built."""
+        if variant.optimize and variant.quantization != "none":
+            return None
+        int8 = variant.quantization in ("int8-dynamic", "int8-static")
+
+        def price(name: str, module: nn.Module) -> int | None:
+            if variant.quantization == "none" or any(name == s or name.startswith(f"{s}.") for s in skip):
+                return None
+            bias = module.bias.numel() * 4 if getattr(module, "bias", None) is not None else 0
+            if isinstance(module, nn.Linear):
+                rows, columns = module.weight.shape
+                per_row = 5 if (int8 and variant.per_channel) else 0
+                return bias + (rows * columns + rows * per_row if int8
+                               else rows * columns // 2 + 4 * rows * -(-columns // variant.block_size))
+            if isinstance(module, nn.Embedding) and int8:
+                return module.weight.numel()
+            return None
+
+        graph = GRAPH_BYTES_PER_BLOCK * getattr(model.config, "num_hidden_layers", 1)
+        return estimate_checkpoint_bytes(model, price) + graph
 
 
 def export_checkpoint(source: str | Path, output_dir: str | Path, quantization: str = "none",

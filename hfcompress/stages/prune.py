@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+from collections import Counter
 from typing import Literal
 
 import torch
@@ -30,7 +31,8 @@ from ..pruning import (
     select_heads,
     select_layers,
 )
-from ..pruning.vocabulary import apply_vocabulary, check_same_pieces, count_tokens, select_vocabulary, unknown_rate
+from ..pruning.vocabulary import apply_vocabulary, check_same_pieces, count_tokens, select_vocabulary, slice_vocabulary
+from ..pruning.vocabulary import unknown_rate
 from ..recipe import StrictModel
 from ..sources import resolve_model_reference
 from . import register_stage
@@ -133,13 +135,10 @@ class PruneStage(Stage):
         old_data, old_tokenizer = ctx.data, ctx.tokenizer
         train_ids = old_data["train"]["input_ids"]
         causal = ctx.task.type == "causal-lm"
-        if causal:  # blocks cut from one token stream: every training token is in them
-            counted = train_ids
-        else:  # whole texts: a word cut by truncation must keep all its pieces, or it would re-segment
-            texts = load_split_texts(ctx.recipe.task, "train", ctx.recipe.seed)
-            counted = old_tokenizer(texts, add_special_tokens=False)["input_ids"]
-        kept = select_vocabulary(old_tokenizer, count_tokens(counted), budget.min_frequency, budget.keep_top,
-                                 budget.keep, model.config)
+        # Causal LM: blocks cut from one token stream hold every training token.
+        counts = count_tokens(train_ids) if causal else training_token_counts(ctx.recipe, old_tokenizer)
+        kept = select_vocabulary(old_tokenizer, counts, budget.min_frequency, budget.keep_top, budget.keep,
+                                 model.config)
         tokenizer = apply_vocabulary(model, old_tokenizer, kept)
         new_data = ctx.data_with_tokenizer(tokenizer)
         checked = check_same_pieces(train_ids, new_data["train"]["input_ids"], kept, contiguous=causal)
@@ -185,9 +184,23 @@ class PruneStage(Stage):
                 _check_budget_met(planner, key, budget, removed, before, kind)
         scopes = [getattr(self.options, kind).scope for kind in ("heads", "ffn") if getattr(self.options, kind)]
         known = shape.per_layer_known and (self.options.selection == "random" or set(scopes) <= {"uniform"})
-        if self.options.vocabulary:  # the tokens kept depend on the training data: the count is an upper bound
-            exact = False
-        return shape.changed(model, exact=exact, per_layer_known=known)
+        pruned_vocabulary = shape.vocabulary_pruned
+        if self.options.vocabulary:
+            pruned_vocabulary = self._plan_vocabulary(model, planner)
+            exact = pruned_vocabulary and exact
+        return shape.changed(model, exact=exact, per_layer_known=known, vocabulary_pruned=pruned_vocabulary)
+
+    def _plan_vocabulary(self, model, planner) -> bool:
+        """Slice the vocabulary the run would keep, from the training split's token counts; without them (a causal
+        LM's token blocks, data that cannot be read) the count stays an upper bound."""
+        counts = planner.token_counts()
+        if counts is None:
+            return False
+        budget = self.options.vocabulary
+        with planner.checking("vocabulary"):
+            slice_vocabulary(model, select_vocabulary(planner.tokenizer, counts, budget.min_frequency,
+                                                      budget.keep_top, budget.keep, model.config))
+        return True
 
     def _kinds(self) -> list[str]:
         """The structural kinds, in the order they run in (the vocabulary comes after them, in `run`)."""
@@ -249,6 +262,13 @@ class _RandomChoice:
 
     def _scores(self, size: int) -> torch.Tensor:
         return torch.rand(size, generator=self.generator)
+
+
+def training_token_counts(recipe, tokenizer) -> Counter:
+    """How often each token occurs in the training split's texts, tokenized whole (a word cut by truncation must
+    keep all its pieces, or it would re-segment): what a vocabulary step chooses from."""
+    texts = load_split_texts(recipe.task, "train", recipe.seed)
+    return count_tokens(tokenizer(texts, add_special_tokens=False)["input_ids"])
 
 
 def _check_budget_met(planner, key: tuple, budget, removed: dict, shapes: list, kind: str) -> None:
