@@ -115,10 +115,10 @@ class SearchSpace(StrictModel):
     """The candidates `hfcompress search` may try: every combination of these values."""
 
     num_layers: list[int] = Field([2, 3, 4], min_length=1, description="student depth: blocks kept from the teacher")
-    heads_sparsity: list[float] = Field([0.0, 0.25, 0.5], min_length=1, description="share of heads pruned")
+    heads_sparsity: list[float] = Field([0.0, 0.33, 0.5], min_length=1, description="share of heads pruned")
     ffn_sparsity: list[float] = Field([0.0, 0.25, 0.5], min_length=1, description="share of FFN neurons pruned")
-    vocabulary: list[int | None] = Field([None, 1], min_length=1, description="min_frequency of a vocabulary step "
-                                                                              "(null: keep the whole vocabulary)")
+    vocabulary: list[int | None] = Field([None, 1, 2], min_length=1, description="min_frequency of a vocabulary "
+                                                                                 "step (null: the whole vocabulary)")
     quantization: list[dict[str, Any]] = Field(default_factory=_default_search_formats, min_length=1,
                                                description="quantize variants, one per candidate")
 
@@ -149,7 +149,7 @@ class SearchOptions(StrictModel):
     budget_minutes: float = Field(45.0, gt=0, description="no new candidate run starts after this")
     space: SearchSpace = Field(default_factory=SearchSpace)
     max_candidates: int = Field(9, ge=1, description="trained at the first rung: the largest that fit the size, "
-                                                     "taken in turn from each quantization format")
+                                                     "taken in turn from each student depth and format")
     eta: int = Field(3, ge=2, description="successive halving: each rung keeps the best 1/eta")
     num_train_epochs: float = Field(1.0, gt=0, description="the student's distillation at the last rung")
     recovery_steps: int = Field(120, ge=1, description="distillation after pruning, at the last rung")

