@@ -18,6 +18,7 @@ from pathlib import Path
 
 from common import ROOT, paired_speed_lines, save_results
 
+from hfcompress.card import load_run
 from hfcompress.data import load_task_data
 from hfcompress.errors import HfCompressError
 from hfcompress.modeling import load_model, load_tokenizer
@@ -52,7 +53,7 @@ def main() -> None:
     hand_model = load_model(str(hand_dir), task.model_class, "hand-written")
     data = load_task_data(recipe.task, load_tokenizer(str(hand_dir)), recipe.seed)
     hand_validation = task.evaluate(hand_model, data.dataloader("validation", 64))[metric]
-    hand_row = [row for row in quickstart["rows"] if row.get("model_dir") == quickstart["final_model_dir"]][-1]
+    hand_row = load_run(args.quickstart).final_row
     hand = {"size_mb": hand_row["metrics"]["size_on_disk_bytes"] / 1e6, "validation": hand_validation,
             "test": hand_row["metrics"][metric]}
     plot_front(state["points"], state, args.output_dir / PLOT_FILE,

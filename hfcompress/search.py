@@ -38,6 +38,7 @@ logger = logging.getLogger("hfcompress")
 SEARCH_FILE = "search.json"
 PLOT_FILE = "pareto.png"
 WINNER_RECIPE = "recipe.yaml"
+BUDGETS = ("max_size_mb", "min_quality", "max_latency_ms", "min_speedup")
 TIMING = {"rounds": 5, "block_calls": 10, "warmup_calls": 3, "throughput_rounds": 1, "throughput_block_calls": 1}
 
 
@@ -158,9 +159,7 @@ class Search:
         self.is_main = is_main_process
         self.started = time.monotonic()
         self.candidate_of: dict[str, Candidate] = {}
-        self.state: dict = {"constraints": {key: getattr(options, key) for key in
-                                            ("max_size_mb", "min_quality", "max_latency_ms", "min_speedup",
-                                             "budget_minutes")},
+        self.state: dict = {"constraints": {key: getattr(options, key) for key in (*BUDGETS, "budget_minutes")},
                             "schedule": "successive halving (Jamieson & Talwalkar 2016), eta "
                                         f"{options.eta}, at most {options.max_candidates} candidates trained",
                             "candidates": {}, "rungs": []}
@@ -190,14 +189,13 @@ class Search:
 
     def teacher(self) -> dict:
         """The fine-tuned teacher (the recipe's finetune stage, if any), scored on validation and test."""
-        first = self.recipe.stages[0]
-        stages = [first.as_yaml_item()] if first.name == "finetune" else []
-        stages += [{"evaluate": {"split": "validation", "measure_speed": False, "label": "teacher (validation)"}},
-                   {"evaluate": {"split": "test", "measure_speed": False, "label": "teacher"}}]
+        finetune = self.finetune_stages()
+        stages = finetune + [
+            {"evaluate": {"split": "validation", "measure_speed": False, "label": "teacher (validation)"}},
+            {"evaluate": {"split": "test", "measure_speed": False, "label": "teacher"}}]
         results = self.run_recipe("teacher", stages, teacher=self.recipe.to_dict()["teacher"])
         rows = results["rows"]
-        path = str((self.out / "teacher" / "01-finetune").resolve()) if stages[0].get("finetune") \
-            else self.recipe.teacher.name_or_path
+        path = str((self.out / "teacher" / "01-finetune").resolve()) if finetune else self.recipe.teacher.name_or_path
         metric = self.task.selection_metric
         self.state["teacher"] = {"model": path, "validation": rows[0]["metrics"][metric],
                                  "test": rows[1]["metrics"][metric], "size_mb": rows[1]["metrics"][
@@ -404,11 +402,14 @@ class Search:
     def winner_recipe(self, name: str) -> Recipe:
         """The chosen candidate as a recipe of its own: the original teacher, its finetune stage, the candidate's
         stages at full training, a comparison and the card."""
-        candidate = self.candidate_of[name]
-        first = self.recipe.stages[0]
-        stages = ([first.as_yaml_item()] if first.name == "finetune" else []) + \
-            candidate.stages(self.options, 1.0, final=True) + [{"compare": {}}, {"card": {}}]
+        stages = self.finetune_stages() + self.candidate_of[name].stages(self.options, 1.0, final=True) + \
+            [{"compare": {}}, {"card": {}}]
         return self.candidate_recipe(stages, f"{self.recipe.name}-{name}", self.recipe.to_dict()["teacher"])
+
+    def finetune_stages(self) -> list[dict]:
+        """The recipe's first stage when it fine-tunes the teacher (the search's starting point), else none."""
+        first = self.recipe.stages[0]
+        return [first.as_yaml_item()] if first.name == "finetune" else []
 
     def write_card(self, chosen: dict) -> None:
         """The chosen run's card, with a section on what the search tried."""
@@ -426,13 +427,11 @@ class Search:
         return {key: record.get(key) for key in ("size_mb", "quality", "latency_ms", "speedup")}
 
     def within(self, record: dict, quality: bool = True) -> bool:
-        checks = {"size_mb": self.options.max_size_mb, "latency_ms": self.options.max_latency_ms}
-        ok = all(limit is None or record.get(key) is None or record[key] <= limit for key, limit in checks.items())
-        if self.options.min_speedup is not None and record.get("speedup") is not None:
-            ok = ok and record["speedup"] >= self.options.min_speedup
-        if quality and self.options.min_quality is not None:
-            ok = ok and record["quality"] >= self.options.min_quality
-        return ok
+        """Within every budget (the quality budget left out when `quality` is False)."""
+        point = self.point(record)
+        if not quality:
+            point["quality"] = None
+        return shortfall(point, self.options) == 0
 
     def front_points(self) -> list[dict]:
         """Every trained candidate at the highest rung it reached."""
@@ -459,7 +458,7 @@ def search(recipe: Recipe, output_dir: str | Path | None = None, **constraints) 
 
     given = recipe.search.model_dump(exclude_unset=True) if recipe.search else {}
     options = SearchOptions.model_validate({**given, **{k: v for k, v in constraints.items() if v is not None}})
-    if all(getattr(options, key) is None for key in ("max_size_mb", "min_quality", "max_latency_ms", "min_speedup")):
+    if all(getattr(options, key) is None for key in BUDGETS):
         raise HfCompressError("search: give at least one budget (max_size_mb, min_quality, max_latency_ms, "
                               "min_speedup)")
     out = Path(output_dir) if output_dir is not None else recipe.resolved_output_dir

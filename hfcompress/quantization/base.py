@@ -87,6 +87,11 @@ def task_heads(model: nn.Module) -> list[str]:
     ]
 
 
+def in_modules(name: str, module_names: Iterable[str]) -> bool:
+    """Whether the module `name` is one of `module_names` or inside one of them."""
+    return any(name == other or name.startswith(f"{other}.") for other in module_names)
+
+
 def estimate_checkpoint_bytes(model: nn.Module, quantized_bytes, float_bytes: int = 4) -> int:
     """Bytes of a checkpoint of `model` (shapes only): each module `quantized_bytes(name, module)` prices (an int)
     at that price, every other parameter at `float_bytes` per value; tied parameters once."""

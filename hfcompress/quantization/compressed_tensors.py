@@ -20,8 +20,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import HfCompressError
-from .base import QuantizationBackend, estimate_checkpoint_bytes, is_pruned, load_full_precision, task_head_names
-from .base import write_record
+from .base import QuantizationBackend, estimate_checkpoint_bytes, in_modules, is_pruned, load_full_precision
+from .base import task_head_names, write_record
 from .options import CompressedTensorsOptions
 
 FORMAT = "pack-quantized"
@@ -87,7 +87,7 @@ class CompressedTensorsBackend(QuantizationBackend):
         skipped = skip + variant.skip_modules
 
         def price(name: str, module: nn.Module) -> int | None:
-            if not isinstance(module, nn.Linear) or any(name == s or name.startswith(s + ".") for s in skipped):
+            if not isinstance(module, nn.Linear) or in_modules(name, skipped):
                 return None
             rows, columns = module.weight.shape
             groups = -(-columns // variant.group_size) if variant.group_size else 1
@@ -119,12 +119,9 @@ def round_through(model: nn.Module, dtype: torch.dtype) -> None:
 
 def quantization_targets(model: nn.Module, skipped: list[str], group_size: int | None) -> dict[str, nn.Linear]:
     """The Linear layers to quantize (all but the skipped modules and their children), checked against the format."""
-    def is_skipped(name: str) -> bool:
-        return any(name == skip or name.startswith(skip + ".") for skip in skipped)
-
     targets = {}
     for name, module in model.named_modules():
-        if is_skipped(name):
+        if in_modules(name, skipped):
             continue
         if isinstance(module, Conv1D):
             raise HfCompressError(f"compressed-tensors quantizes nn.Linear layers; {name} is a GPT-2 style Conv1D, "

@@ -13,7 +13,6 @@ so its perplexity is the file's.
 from __future__ import annotations
 
 import logging
-import math
 import shutil
 import tempfile
 import weakref
@@ -85,9 +84,9 @@ class GgufBackend(QuantizationBackend):
             return None
         qtype = getattr(gguf.GGMLQuantizationType, variant.type.upper())
         total = 0
-        for name, shape in gguf_shapes(model):
-            block_size, type_size = gguf.GGML_QUANT_SIZES[tensor_type(name, _Shape(shape), qtype, _tied(model))]
-            total += math.prod(shape) // block_size * type_size
+        for name, _, tensor in named_tensors(model):  # shapes only: works on the meta device
+            block_size, type_size = gguf.GGML_QUANT_SIZES[tensor_type(name, tensor, qtype, _tied(model))]
+            total += tensor.numel() // block_size * type_size
         return total
 
 
@@ -208,7 +207,7 @@ def pre_tokenizer_name(tokenizer_dir: Path) -> str:
 def gguf_tensors(model: nn.Module, qtype) -> Iterable[tuple[str, np.ndarray, object]]:
     """(llama.cpp name, float32 array, GGML type) for every tensor of the model."""
     config, tied = model.config, _tied(model)
-    for (name, _), (hf_name, tensor) in zip(gguf_shapes(model), _written_tensors(model)):
+    for name, hf_name, tensor in named_tensors(model):
         data = tensor.detach().float().cpu().numpy()
         if hf_name.endswith("self_attn.q_proj.weight"):
             data = rotary_rows_to_ggml(data, config.num_attention_heads)
@@ -217,34 +216,22 @@ def gguf_tensors(model: nn.Module, qtype) -> Iterable[tuple[str, np.ndarray, obj
         yield name, data, tensor_type(name, data, qtype, tied)
 
 
-def gguf_shapes(model: nn.Module) -> Iterable[tuple[str, tuple[int, ...]]]:
-    """(llama.cpp name, shape) of every tensor the file holds (shapes only: works on the meta device)."""
+def named_tensors(model: nn.Module) -> Iterable[tuple[str, str, torch.Tensor]]:
+    """(llama.cpp name, transformers name, tensor) of every tensor the file holds."""
     import gguf
 
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
-    for hf_name, tensor in _written_tensors(model):
-        name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
-        if name is None:
-            raise HfCompressError(f"gguf export: no llama.cpp name for the tensor {hf_name}")
-        yield name, tuple(tensor.shape)
-
-
-def _written_tensors(model: nn.Module) -> Iterable[tuple[str, torch.Tensor]]:
     for hf_name, tensor in model.state_dict().items():
         if _tied(model) and hf_name == "lm_head.weight":
             continue  # llama.cpp reads the output head from token_embd when output.weight is absent
-        yield hf_name, tensor
+        name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise HfCompressError(f"gguf export: no llama.cpp name for the tensor {hf_name}")
+        yield name, hf_name, tensor
 
 
 def _tied(model: nn.Module) -> bool:
     return bool(getattr(model.config, "tie_word_embeddings", False))
-
-
-class _Shape:
-    """What `tensor_type` reads of an array: its rank and shape."""
-
-    def __init__(self, shape: tuple[int, ...]):
-        self.shape, self.ndim = shape, len(shape)
 
 
 def rotary_rows_to_ggml(weight: np.ndarray, heads: int) -> np.ndarray:
@@ -253,7 +240,8 @@ def rotary_rows_to_ggml(weight: np.ndarray, heads: int) -> np.ndarray:
             .swapaxes(1, 2).reshape(weight.shape))
 
 
-def tensor_type(name: str, data: np.ndarray, qtype, tied: bool):
+def tensor_type(name: str, data: np.ndarray | torch.Tensor, qtype, tied: bool):
+    """The GGML type `write_gguf` stores the tensor in (only its shape is read)."""
     import gguf
 
     types = gguf.GGMLQuantizationType

@@ -21,8 +21,8 @@ from transformers import AutoModelForCausalLM
 
 from ..errors import HfCompressError
 from ..evaluation import count_parameters
-from .base import QuantizationBackend, estimate_checkpoint_bytes, load_full_precision, task_head_names
-from .base import write_record
+from .base import QuantizationBackend, estimate_checkpoint_bytes, in_modules, load_full_precision
+from .base import task_head_names, write_record
 from .options import OnnxOptions
 
 logger = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ class OnnxBackend(QuantizationBackend):
         int8 = variant.quantization in ("int8-dynamic", "int8-static")
 
         def price(name: str, module: nn.Module) -> int | None:
-            if variant.quantization == "none" or any(name == s or name.startswith(f"{s}.") for s in skip):
+            if variant.quantization == "none" or in_modules(name, skip):
                 return None
             bias = module.bias.numel() * 4 if getattr(module, "bias", None) is not None else 0
             if isinstance(module, nn.Linear):
