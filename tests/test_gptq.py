@@ -83,7 +83,8 @@ GPTQ4 = {"backend": "gptq", "bits": 4, "group_size": 32, "damp": 0.01}
 
 
 @pytest.mark.parametrize("model_name", MODELS)
-@pytest.mark.parametrize("options", [GPTQ4, {**GPTQ4, "act_order": True}, {**GPTQ4, "bits": 8, "group_size": None}])
+@pytest.mark.parametrize("options", [GPTQ4, {**GPTQ4, "act_order": True}, {**GPTQ4, "bits": 8, "group_size": None},
+                                     {**GPTQ4, "observer": "mse"}])
 def test_gptq_with_an_identity_hessian_equals_round_to_nearest(model_name, options, tokenizer):
     """With H = I no column's rounding error is carried onto another, so GPTQ reduces to rounding to nearest."""
     variant = parse_variant(options)
@@ -117,6 +118,23 @@ def test_gptq_layer_output_error_is_below_round_to_nearest_on_held_out_text(mode
             gptq_error = (test_inputs[name] @ (gptq - weight).T).norm()
             rtn_error = (test_inputs[name] @ (rtn - weight).T).norm()
             assert gptq_error < rtn_error, (name, gptq_error.item(), rtn_error.item())
+
+
+@pytest.mark.parametrize("model_name", MODELS)
+def test_the_mse_observer_rounds_every_group_at_least_as_well_and_clips_some(model_name, tokenizer):
+    model = build(model_name, tokenizer.vocab_size)
+    minmax, mse = (parse_variant({"backend": "compressed-tensors", "bits": 4, "group_size": 32, "observer": observer})
+                   for observer in ("minmax", "mse"))
+    for name in SOME_LAYERS[model_name]:
+        weight = weight_matrix(model.get_submodule(name))
+        groups = weight.shape[1] // 32
+        errors, scales = {}, {}
+        for variant in (minmax, mse):
+            rounded, scales[variant.observer], _ = round_to_nearest(weight, weight_args(variant), torch.bfloat16)
+            errors[variant.observer] = (rounded - weight).abs().pow(2.4).reshape(len(weight), groups, 32).sum(-1)
+        assert (errors["mse"] <= errors["minmax"] * (1 + 1e-5)).all()
+        assert errors["mse"].sum() < 0.9 * errors["minmax"].sum()
+        assert (scales["mse"] <= scales["minmax"]).all() and (scales["mse"] < scales["minmax"]).any()
 
 
 def _layer_inputs(model, block, layers, input_ids) -> dict[str, torch.Tensor]:
@@ -156,6 +174,7 @@ def test_gptq_needs_calibration_batches(llama_dir):
     {"backend": "compressed-tensors", "bits": 4, "group_size": 32},
     {**GPTQ4, "act_order": True},
     {"backend": "gptq", "bits": 8, "group_size": None},
+    {**GPTQ4, "observer": "mse"},
 ])
 def test_compressed_tensors_checkpoint_loads_with_plain_transformers(options, llama_dir, hamlet_blocks, tmp_path):
     variant = parse_variant(options)
@@ -172,8 +191,8 @@ def test_compressed_tensors_checkpoint_loads_with_plain_transformers(options, ll
     weights = config["config_groups"]["group_0"]["weights"]
     assert (config["quant_method"], config["format"], config["ignore"]) == ("compressed-tensors", "pack-quantized",
                                                                             ["lm_head"])
-    assert (weights["num_bits"], weights["group_size"], weights["symmetric"]) == (variant.bits, variant.group_size,
-                                                                                  True)
+    assert (weights["num_bits"], weights["group_size"], weights["symmetric"], weights["observer"]) == (
+        variant.bits, variant.group_size, True, variant.observer)
     assert read_json(tmp_path / RECORD_FILE)["name"] == variant_name(variant)
     with safe_open(tmp_path / "model.safetensors", "pt") as stored:
         packed = stored.get_tensor("model.layers.0.mlp.down_proj.weight_packed")
@@ -201,6 +220,7 @@ def test_gpt2_conv1d_layers_are_refused_in_one_line(tmp_path, tokenizer):
     ({**GPTQ4, "act_order": True, "group_size": 64}, "gptq-int4-g64-ao"),
     ({"backend": "gptq", "bits": 8, "group_size": None}, "gptq-int8"),
     ({"backend": "compressed-tensors", "bits": 4, "group_size": 64}, "rtn-int4-g64"),
+    ({**GPTQ4, "observer": "mse"}, "gptq-int4-g32-mse"),
 ])
 def test_variant_names(options, name):
     assert variant_name(parse_variant(options)) == name

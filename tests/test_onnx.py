@@ -28,7 +28,7 @@ import hfcompress
 from hfcompress import run
 from hfcompress.errors import HfCompressError
 from hfcompress.evaluation import count_parameters
-from hfcompress.onnx import ORTModelForCausalLM, ORTModelForSequenceClassification, export_to_onnx
+from hfcompress.onnx import ORTModelForCausalLM, ORTModelForSequenceClassification, export_to_onnx, token_batch
 from hfcompress.onnx.quantize import logits_node
 from hfcompress.pruning import layer_shapes, needs_structure_record, prune_ffn, prune_heads, save_pruned
 from hfcompress.quantization import parse_variant, quantize, save_quantized, variant_name
@@ -343,3 +343,26 @@ def test_cli_exports_a_checkpoint_or_a_runs_final_one_and_refuses_quantized_ones
     errors = capsys.readouterr().err.splitlines()
     assert errors[-2] == f"error: {tmp_path / 'out'}: the output directory exists and is not empty"
     assert errors[-1].startswith(f"error: {bert.folders['int4']}: this checkpoint is already quantized (onnx)")
+
+
+def test_static_int8_on_a_fused_bert_quantizes_the_pooler_too(tmp_path, tokenizer):
+    """BERT's pooler reads the [CLS] row of a fused SkipLayerNormalization: the static quantizer must still range it
+    (it used to fail: "Unable to get valid quantization scale for input 'select'")."""
+    source = save_tiny_bert(tmp_path / "bert", tokenizer, hidden_size=64, num_attention_heads=4, intermediate_size=128)
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    calibration = [{name: torch.from_numpy(array) for name, array in token_batch(tokenizer.vocab_size, names, 8, 16,
+                                                                                 seed=seed).items()}
+                   for seed in range(4)]
+    variant = parse_variant({"backend": "onnx", "quantization": "int8-static"})
+    model = quantize(source, AutoModelForSequenceClassification, variant, calibration)
+    assert model.export_record["fusions"]  # the fused graph is the one quantized
+    graph = onnx.load(str(model.model_path)).graph
+    producer = {output: node for node in graph.node for output in node.output}
+    weight = next(node.output[0] for node in graph.node
+                  if node.op_type == "DequantizeLinear" and "pooler.dense.weight" in node.input[0])
+    pooler = next(node for node in graph.node if node.op_type in ("Gemm", "MatMul") and weight in node.input)
+    assert producer[pooler.input[0]].op_type == "DequantizeLinear"  # its activations are quantized too
+    fp32 = quantize(source, AutoModelForSequenceClassification, parse_variant({"backend": "onnx"}))
+    batch = {name: torch.from_numpy(array) for name, array in token_batch(tokenizer.vocab_size, names, 16, 16,
+                                                                          seed=9).items()}
+    assert torch.allclose(model(**batch).logits, fp32(**batch).logits, atol=0.1)

@@ -91,10 +91,7 @@ class CalibrationReader:
 def _quantizing(kind: str, source: Path, keep_float: Iterable[str], gemms_as_matmuls: bool, quantize) -> None:
     """Run `quantize(graph, nodes_to_exclude)` on a prepared copy of `source`; a failure is one HfCompressError line."""
     graph = source.with_name(source.stem + "-prepared.onnx")
-    # The exporter's value_info shapes disagree with ONNX shape inference on some nodes ("Inferred shape and
-    # existing shape differ"), which stops the quantizers: let them infer every shape again.
-    model = onnx.load(str(source))
-    del model.graph.value_info[:]
+    model = with_inferred_types(onnx.load(str(source)))
     exclude = nodes_reading(model, keep_float) + [logits_node(model).name]
     exclude += [name + "_MatMul" for name in exclude]  # onnxruntime's own Gemm -> MatMul rewrite names them so
     if gemms_as_matmuls:
@@ -107,6 +104,25 @@ def _quantizing(kind: str, source: Path, keep_float: Iterable[str], gemms_as_mat
         raise
     except Exception as error:  # onnxruntime's quantizers raise RuntimeError, ValueError, AssertionError, ...
         raise HfCompressError(f"onnxruntime {kind} quantization failed: {first_line(error)}") from None
+
+
+def with_inferred_types(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The graph with every tensor's type and shape inferred again, ORT's fused ops (com.microsoft) included.
+
+    The exporter's value_info shapes disagree with ONNX shape inference on some nodes ("Inferred shape and existing
+    shape differ"), which stops the quantizers, so they are dropped; ONNX's own inference then leaves the outputs
+    of fused ops untyped, and the static quantizer's calibration skips untyped tensors (BERT's pooler, which reads
+    the [CLS] row of a fused SkipLayerNormalization, then fails for want of its input's range). ONNX Runtime's
+    symbolic shape inference knows the fused ops; where it gives up, the quantizers infer what they can.
+    """
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    del model.graph.value_info[:]
+    try:
+        with _quiet_root_logger():
+            return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception:  # noqa: BLE001 - any failure just means no inferred types, as before
+        return model
 
 
 def nodes_reading(model: onnx.ModelProto, module_names: Iterable[str]) -> list[str]:

@@ -98,12 +98,14 @@ class CompressedTensorsBackend(QuantizationBackend):
 
 
 def weight_args(variant: CompressedTensorsOptions, strategy: str | None = None):
-    """compressed-tensors' description of the weights: int, `bits`, symmetric or not, by group or by row."""
+    """compressed-tensors' description of the weights: int, `bits`, symmetric or not, by group or by row, and how
+    each group's range is chosen (its observer)."""
     from compressed_tensors.quantization import QuantizationArgs
 
     strategy = strategy or ("group" if variant.group_size else "channel")
     return QuantizationArgs(num_bits=variant.bits, type="int", symmetric=variant.symmetric, strategy=strategy,
-                            group_size=variant.group_size if strategy == "group" else None)
+                            group_size=variant.group_size if strategy == "group" else None,
+                            observer=variant.observer)
 
 
 def round_through(model: nn.Module, dtype: torch.dtype) -> None:
@@ -145,16 +147,47 @@ def unquantized_linears(model: nn.Module, targets: dict[str, nn.Linear]) -> list
     return [name for name, module in model.named_modules() if isinstance(module, nn.Linear) and name not in targets]
 
 
+# The MSE observer's search, as in GPTQ's reference code (`Quantizer(mse=True)`) and llm-compressor's "mse" observer:
+# each group's range shrunk by up to 80% in steps of 1%, keeping the shrink with the least |error|^2.4.
+MSE_SHRINKS = torch.arange(100, 20, -1) / 100
+MSE_NORM = 2.4
+
+
 def group_qparams(weight: torch.Tensor, args, dtype: torch.dtype, group_size: int | None = None) -> QParams:
     """Scale and zero point of every group of `group_size` columns (default: the args' group, else the whole row),
-    from the group's minimum and maximum; the scale rounded to what `dtype` stores."""
-    from compressed_tensors.quantization.utils import calculate_qparams
+    the scale rounded to what `dtype` stores. The range is the group's minimum and maximum (`args.observer`
+    "minmax"), or that range shrunk to where the group's rounding error is least ("mse": clipping a few outliers
+    buys finer steps for every other weight)."""
+    from compressed_tensors.quantization.lifecycle.forward import fake_quantize
 
     rows, columns = weight.shape
     group_size = group_size or args.group_size or columns
     groups = weight.reshape(rows, columns // group_size, group_size)
-    scale, zero_point = calculate_qparams(groups.amin(-1), groups.amax(-1), args)
-    return scale.to(dtype).to(weight.dtype), zero_point
+    low, high = groups.amin(-1), groups.amax(-1)
+    scale, zero_point = _range_qparams(low, high, args, dtype, weight.dtype)
+    if args.observer != "mse":
+        return scale, zero_point
+    one_per_row = args.model_copy(update={"strategy": "channel", "group_size": None})
+    rows_of_groups = groups.reshape(-1, group_size)  # one group per row, so every group can take its own shrink
+    best_error = torch.full_like(low, float("inf"))
+    for shrink in MSE_SHRINKS:
+        candidate_scale, candidate_zero_point = _range_qparams(low * shrink, high * shrink, args, dtype, weight.dtype)
+        rounded = fake_quantize(rows_of_groups, candidate_scale.reshape(-1, 1), candidate_zero_point.reshape(-1, 1),
+                                one_per_row)
+        error = (rounded - rows_of_groups).abs().pow(MSE_NORM).sum(-1).reshape(low.shape)
+        better = error < best_error
+        best_error = torch.where(better, error, best_error)
+        scale = torch.where(better, candidate_scale, scale)
+        zero_point = torch.where(better, candidate_zero_point, zero_point)
+    return scale, zero_point
+
+
+def _range_qparams(low: torch.Tensor, high: torch.Tensor, args, dtype: torch.dtype, compute_dtype: torch.dtype
+                   ) -> QParams:
+    from compressed_tensors.quantization.utils import calculate_qparams
+
+    scale, zero_point = calculate_qparams(low, high, args)
+    return scale.to(dtype).to(compute_dtype), zero_point
 
 
 def round_to_nearest(weight: torch.Tensor, args, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -122,6 +122,8 @@ class CompressedTensorsOptions(_Variant):
     # Input features per scale (and zero point). None: one scale per output row (compressed-tensors' "channel").
     group_size: int | None = Field(128, ge=8)
     symmetric: bool = True  # False: a zero point per group as well
+    # How each group's range is chosen: its min and max, or shrunk to the least rounding error (MSE_SHRINKS).
+    observer: Literal["minmax", "mse"] = "minmax"
     dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # of the scales and the unquantized weights
     skip_modules: list[str] = Field(default_factory=list)  # kept in full precision, besides the task head
 
@@ -207,7 +209,7 @@ def variant_name(variant) -> str:
     if variant.backend in ("compressed-tensors", "gptq"):
         method = "gptq" if variant.backend == "gptq" else "rtn"
         name = f"{method}-int{variant.bits}" + (f"-g{variant.group_size}" if variant.group_size else "")
-        name += "" if variant.symmetric else "-asym"
+        name += ("" if variant.symmetric else "-asym") + ("-mse" if variant.observer == "mse" else "")
         return name + ("-ao" if variant.backend == "gptq" and variant.act_order else "")
     if variant.backend == "bitsandbytes":
         name = "bnb-int8" if variant.bits == 8 else f"bnb-{variant.quant_type}"
