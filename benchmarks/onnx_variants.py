@@ -14,7 +14,6 @@
 from __future__ import annotations
 
 import argparse
-import platform
 from collections import Counter
 from pathlib import Path
 
@@ -28,6 +27,7 @@ import hfcompress
 from hfcompress.comparison import compare_models
 from hfcompress.recipe import parse_recipe
 from hfcompress.tasks import make_task
+from hfcompress.timing import cpu_description
 
 ONNX_VARIANTS = [
     {"backend": "onnx", "quantization": "none", "optimize": False},
@@ -86,7 +86,7 @@ def main() -> None:
     settings = comparison["settings"]
     header = (f"model: {args.model}; accuracy on the test split of the quickstart task ({reference['num_examples']} "
               f"reviews), through ONNX Runtime for the onnx rows; torch {torch.__version__}, onnxruntime "
-              f"{onnxruntime.__version__}, {settings['threads']} torch threads; {platform.machine()}\n"
+              f"{onnxruntime.__version__}, {settings['threads']} torch threads; {cpu_description()}\n"
               f"timing (hfcompress.comparison, all models in this process, round-robin): batch 1, {LENGTH} tokens, "
               f"{settings['rounds']} rounds x {settings['block_calls']} calls after {settings['warmup_calls']} warm-up; "
               f"batch {settings['throughput_batch_size']}: {settings['throughput_rounds']} rounds x "

@@ -7,10 +7,11 @@
 One quantize stage over the healed model (22 of 30 blocks, 40 distillation steps), every variant saved and scored
 on the same Hamlet test blocks as the recipe (perplexity, size on disk, memory after loading):
 round-to-nearest int4 in groups of 64, GPTQ int4 in groups of 64 and 32 with and without act-order, GPTQ int8 in
-groups of 64 (all compressed-tensors pack-quantized checkpoints, scales and unquantized weights in bfloat16), and
-the same with the "mse" observer (each group's range shrunk to where its rounding error is least, as GPTQ's
-reference code does with `mse=True`), GGUF f16 / q8_0 / q4_0 files, scored as transformers loads them back (dequantized). GPTQ calibrates on 128
-training blocks of 256 tokens (the quantize stage's default calibration_samples; never the test split).
+groups of 64, then round-to-nearest int4 g64 and GPTQ int4 g32/g64 again with the "mse" observer (each group's range
+shrunk to where its rounding error is least, as GPTQ's reference code does with `mse=True`); all compressed-tensors
+pack-quantized checkpoints, scales and unquantized weights in bfloat16. Then GGUF f16 / q8_0 / q4_0 files, scored
+as transformers loads them back (dequantized). GPTQ calibrates on 128 training blocks of 256 tokens (the quantize
+stage's default calibration_samples; never the test split).
 Speed is not measured here (the recipe's compare stage times its variants together).
 
 Targets: GPTQ 4-bit within +6% of the healed model's perplexity, GGUF q8_0 within +1%, the compressed-tensors

@@ -31,6 +31,7 @@ from .report import format_fidelity_table, format_table
 from .sources import resolve_data_files
 from .stages import Stage, StageContext, StageResult, get_stage_class
 from .tasks import make_task
+from .timing import cpu_description
 
 logger = logging.getLogger("hfcompress")
 STAGE_RECORD = "stage.json"
@@ -327,6 +328,6 @@ def environment(accelerator: Accelerator) -> dict:
             versions[package] = metadata.version(package)
         except metadata.PackageNotFoundError:
             versions[package] = None
-    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu ({platform.processor() or platform.machine()})"
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"cpu: {cpu_description()}"
     return {"python": platform.python_version(), **versions, "device": device,
             "num_processes": accelerator.num_processes, "mixed_precision": accelerator.mixed_precision}

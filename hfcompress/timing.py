@@ -99,3 +99,26 @@ def speedups(timings: dict[str, Timing], reference: str) -> dict[str, Speedup]:
         result[name] = Speedup(float(np.median(ratios)), float(np.percentile(ratios, 25)),
                                float(np.percentile(ratios, 75)))
     return result
+
+
+# The instruction sets that decide how fast int8 and bf16 run on an x86 CPU: ONNX Runtime's int8 GEMMs use VNNI or
+# AMX where the CPU has them (AVX2 otherwise), torch's bf16 matmuls AMX.
+KERNEL_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "amx_bf16")
+
+
+def cpu_description(cpuinfo: str | None = None) -> str:
+    """The CPU's model name and which of KERNEL_FLAGS it has, e.g. "AMD EPYC (avx2)": timings depend on both."""
+    import platform
+    import re
+
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo") as file:
+                cpuinfo = file.read()
+        except OSError:
+            return platform.processor() or platform.machine()
+    name = re.search(r"^model name\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
+    flags = re.search(r"^flags\s*:\s*(.+)$", cpuinfo, re.MULTILINE)
+    present = [flag for flag in KERNEL_FLAGS if flags and flag in flags.group(1).split()]
+    kernels = ", ".join(present) if present else "no " + "/".join(KERNEL_FLAGS)
+    return f"{name.group(1).strip() if name else platform.machine()} ({kernels})"

@@ -15,7 +15,7 @@ from hfcompress.comparison import compare_models
 from hfcompress.recipe import parse_recipe
 from hfcompress.report import format_table, latest_comparison
 from hfcompress.tasks import TextClassificationTask
-from hfcompress.timing import Timing, _rotated, speedups, time_round_robin
+from hfcompress.timing import Timing, _rotated, cpu_description, speedups, time_round_robin
 
 from conftest import classification_recipe
 
@@ -108,3 +108,14 @@ def test_compare_stage_and_command_fill_the_speed_columns(tmp_path, tiny_bert_di
     on_disk = json.loads((run_dir / "results.json").read_text())
     assert on_disk["comparison"]["settings"]["rounds"] == 2
     assert "faster x (IQR)" in result.stdout and "student" in result.stdout
+
+
+def test_cpu_description_names_the_model_and_the_int8_bf16_instruction_sets_it_has():
+    xeon = "processor\t: 0\nmodel name\t: Intel(R) Xeon(R) Platinum 8480+\nflags\t\t: fpu sse4_2 avx2 avx512f " \
+           "avx512_vnni avx512_bf16 amx_bf16 amx_tile amx_int8\n"
+    epyc = "processor\t: 0\nmodel name\t: AMD EPYC\nflags\t\t: fpu sse4_2 avx avx2 fma\n"
+    assert cpu_description(xeon) == ("Intel(R) Xeon(R) Platinum 8480+ (avx2, avx512f, avx512_vnni, avx512_bf16, "
+                                     "amx_int8, amx_bf16)")
+    assert cpu_description(epyc) == "AMD EPYC (avx2)"
+    assert cpu_description("processor\t: 0\nflags\t\t: fpu sse2\n").endswith("(no avx2/avx512f/avx512_vnni/"
+                                                                           "avx512_bf16/amx_int8/amx_bf16)")

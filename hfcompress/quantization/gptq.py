@@ -7,7 +7,8 @@ time and each rounding error is pushed onto the columns not rounded yet, weighte
 form), which is what lowers the layer's output error below round-to-nearest's. Options as in the paper and its
 reference code: damping (a fraction of the mean diagonal), act-order (columns by decreasing Hessian diagonal; the
 groups stay the contiguous input ranges of the format, with scales from the unrounded weights, so no column index
-has to be stored: llm-compressor's `actorder: weight`), lazy batched updates over `block_size` columns.
+has to be stored: llm-compressor's `actorder: weight`), lazy batched updates over `block_size` columns, and each
+group's range from its min and max or, with `observer: mse`, shrunk to its least rounding error (compressed_tensors.py).
 
 The result is written exactly like round-to-nearest (compressed_tensors.py): a `pack-quantized` checkpoint.
 
