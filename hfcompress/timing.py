@@ -12,6 +12,8 @@ apart, under the same load) and summarised by its median and interquartile range
 
 from __future__ import annotations
 
+import platform
+import re
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -108,9 +110,6 @@ KERNEL_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_int8", "am
 
 def cpu_description(cpuinfo: str | None = None) -> str:
     """The CPU's model name and which of KERNEL_FLAGS it has, e.g. "AMD EPYC (avx2)": timings depend on both."""
-    import platform
-    import re
-
     if cpuinfo is None:
         try:
             with open("/proc/cpuinfo") as file:
