@@ -28,6 +28,7 @@ from common import ROOT, RESULTS
 import hfcompress
 from hfcompress.recipe import load_recipe
 from hfcompress.report import format_table
+from hfcompress.timing import cpu_description
 
 PACKAGES = ["torch", "transformers", "accelerate", "bitsandbytes", "optimum-quanto", "onnxruntime", "datasets"]
 
@@ -91,7 +92,7 @@ def environment_lines() -> list[str]:
         except (OSError, subprocess.TimeoutExpired):
             lines.append("nvidia-smi: not available")
     else:
-        lines.append(f"device: cpu ({platform.processor() or platform.machine()}), {torch.get_num_threads()} threads")
+        lines.append(f"device: cpu: {cpu_description()}, {torch.get_num_threads()} threads")
     return lines
 
 

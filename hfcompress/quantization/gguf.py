@@ -83,9 +83,9 @@ class GgufBackend(QuantizationBackend):
         except ImportError:
             return None
         qtype = getattr(gguf.GGMLQuantizationType, variant.type.upper())
-        total = 0
+        total, tied = 0, _tied(model)
         for name, _, tensor in named_tensors(model):  # shapes only: works on the meta device
-            block_size, type_size = gguf.GGML_QUANT_SIZES[tensor_type(name, tensor, qtype, _tied(model))]
+            block_size, type_size = gguf.GGML_QUANT_SIZES[tensor_type(name, tensor, qtype, tied)]
             total += tensor.numel() // block_size * type_size
         return total
 
@@ -221,8 +221,9 @@ def named_tensors(model: nn.Module) -> Iterable[tuple[str, str, torch.Tensor]]:
     import gguf
 
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
+    tied = _tied(model)
     for hf_name, tensor in model.state_dict().items():
-        if _tied(model) and hf_name == "lm_head.weight":
+        if tied and hf_name == "lm_head.weight":
             continue  # llama.cpp reads the output head from token_embd when output.weight is absent
         name = name_map.get_name(hf_name, try_suffixes=(".weight", ".bias"))
         if name is None:
