@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import yaml
+
+from hfcompress.fileio import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -37,6 +38,6 @@ def paired_speed_lines(models: dict, task, sequence_length: int, reference: str 
 def save_results(name: str, results: dict, report: str) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps({**results, "report": report}, indent=2, default=str))
+    write_json(path, {**results, "report": report})
     (RESULTS / f"{name}.txt").write_text(report + "\n")
     return path

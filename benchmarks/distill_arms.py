@@ -39,7 +39,7 @@ from transformers import AutoModelForSequenceClassification, get_linear_schedule
 import hfcompress
 from hfcompress.data import batch_to_model_inputs, load_task_data
 from hfcompress.distillation import student_from_layers
-from hfcompress.modeling import load_tokenizer
+from hfcompress.sources import load_tokenizer
 from hfcompress.recipe import parse_recipe
 from hfcompress.tasks import make_task
 
@@ -60,8 +60,8 @@ def hfcompress_arm(args, teacher: Path, work: Path, student: str, seed: int, los
     run_dir = work / f"{student}-{seed}-{arm}"
     recipe = parse_recipe(quickstart_recipe(teacher, run_dir, [{"distill": options}, evaluate], name="distill-bench"))
     results = hfcompress.run(recipe)
-    row = results["rows"][-1]["metrics"]
-    return {"accuracy": row["accuracy"], "train_seconds": results["stages"][0]["metrics"]["train_seconds"]}
+    row = results.rows[-1].metrics
+    return {"accuracy": row["accuracy"], "train_seconds": results.stages[0].metrics["train_seconds"]}
 
 
 def plain_kd_arm(args, teacher_dir: Path, student: str, seed: int, data, task) -> dict:

@@ -111,7 +111,7 @@ def run_recipe(name: str, output_root: Path, dry_run: bool) -> str:
     started = time.perf_counter()
     results = hfcompress.run(load_recipe(recipe_path, overrides), output_dir=run_dir)
     seconds = time.perf_counter() - started
-    stage_times = ", ".join(f"{stage['id']} {stage['seconds']:.0f} s" for stage in results["stages"])
+    stage_times = ", ".join(f"{stage.id} {stage.seconds:.0f} s" for stage in results.stages)
     command = (f"hfcompress run recipes/{name}.yaml --output-dir {run_dir} "
                + " ".join(f"--set {shlex.quote(o)}" for o in overrides))
     return "\n".join([f"# {name}: {seconds:.0f} s in all ({stage_times})", f"command: {command}",

@@ -55,10 +55,10 @@ def main() -> None:
                             "evaluate": no_timing, "tolerance": 0.005}}]
     recipe = parse_recipe(quickstart_recipe(args.model, args.work_dir, stages, name="onnx-bench"))
     results = hfcompress.run(recipe)
-    failed = results["stages"][-1]["metrics"]["failed_variants"]
-    rows = {row["label"].split("/")[-1].replace("bf16", "torch-bf16"): row["metrics"] for row in results["rows"]}
-    folders = {row["label"].split("/")[-1].replace("bf16", "torch-bf16"): args.work_dir / row["model_dir"]
-               for row in results["rows"][1:]}
+    failed = results.stages[-1].metrics["failed_variants"]
+    rows = {(row.variant or row.label).replace("bf16", "torch-bf16"): row.metrics for row in results.rows}
+    folders = {(row.variant or row.label).replace("bf16", "torch-bf16"): args.work_dir / row.model_dir
+               for row in results.rows[1:]}
     folders["torch-fp32"] = args.model
 
     models = {name: hfcompress.from_pretrained(folders[name]) for name in rows}  # torch-fp32 first: the reference

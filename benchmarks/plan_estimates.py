@@ -39,7 +39,7 @@ def main() -> None:
         compare(lines, f"smollm2 {name} bytes", smollm2[f"06-quantize/{name}"]["size_on_disk_bytes"], size)
 
     rows = json.loads((RESULTS / "quantize_variants.json").read_text())["rows"]
-    measured = {row["label"]: row["metrics"] for row in rows}
+    measured = {row.label: row.metrics for row in rows}
     stages = [{"distill": {"student": {"num_layers": 3, "strategy": "every_other"}}},
               {"quantize": {"variants": STUDENT_VARIANTS}}]
     student = plan_recipe(load_recipe(ROOT / "recipes" / "quickstart.yaml", [f"stages={json.dumps(stages)}"]))[-1].shape

@@ -31,9 +31,9 @@ def prune_arm(args, selection: str, seed: int) -> dict:
     # The recipe seed stays the quickstart's: it fixes the split, so the test reviews are the ones the student
     # never trained on. Only the random choice and the recovery's training order vary with `seed`.
     results = hfcompress.run(parse_recipe(quickstart_recipe(args.student, run_dir, stages, name="prune-bench")))
-    pruned, recovered = (row["metrics"] for row in results["rows"])
+    pruned, recovered = (row.metrics for row in results.rows)
     return {"pruned": pruned["accuracy"], "recovered": recovered["accuracy"],
-            "parameters": recovered["num_parameters"], "model_dir": str(run_dir / results["final_model_dir"])}
+            "parameters": recovered["num_parameters"], "model_dir": str(run_dir / results.final_model_dir)}
 
 
 def main() -> None:
@@ -49,7 +49,7 @@ def main() -> None:
     baseline_recipe = parse_recipe(quickstart_recipe(
         args.student, args.work_dir / "unpruned", [{"evaluate": {**FAST_EVALUATE, "label": "unpruned"}}]))
     baseline = hfcompress.run(baseline_recipe)
-    before = baseline["rows"][0]["metrics"]
+    before = baseline.rows[0].metrics
     arms = {"importance": [prune_arm(args, "importance", 42)],
             "random": [prune_arm(args, "random", seed) for seed in args.random_seeds]}
 

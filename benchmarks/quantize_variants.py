@@ -45,7 +45,7 @@ def main() -> None:
              "so they can be slower than fp32 here; the size and memory columns are what they buy. "
              f"Carried forward: {results['stages'][-1]['metrics']['carried_forward']}.")
     report = format_table(results) + notes
-    save_results("quantize_variants", {"rows": results["rows"]}, report)
+    save_results("quantize_variants", {"rows": results.rows}, report)
 
 
 if __name__ == "__main__":

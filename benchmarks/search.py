@@ -21,9 +21,10 @@ from common import ROOT, paired_speed_lines, save_results
 from hfcompress.card import load_run
 from hfcompress.data import load_task_data
 from hfcompress.errors import HfCompressError
-from hfcompress.modeling import load_model, load_tokenizer
+from hfcompress.modeling import load_model
+from hfcompress.sources import load_tokenizer
 from hfcompress.recipe import load_recipe
-from hfcompress.report import load_results
+from hfcompress.run_dir import RunDir
 from hfcompress.search import PLOT_FILE, format_search, load_search, plot_front, search
 from hfcompress.tasks import make_task
 
@@ -48,14 +49,14 @@ def main() -> None:
     task = make_task(recipe.task)
     metric = state["teacher"]["metric"]
 
-    quickstart = load_results(args.quickstart)
-    hand_dir = args.quickstart / quickstart["final_model_dir"]
+    quickstart = RunDir(args.quickstart).load_results()
+    hand_dir = args.quickstart / quickstart.final_model_dir
     hand_model = load_model(str(hand_dir), task.model_class, "hand-written")
     data = load_task_data(recipe.task, load_tokenizer(str(hand_dir)), recipe.seed)
     hand_validation = task.evaluate(hand_model, data.dataloader("validation", 64))[metric]
     hand_row = load_run(args.quickstart).final_row
-    hand = {"size_mb": hand_row["metrics"]["size_on_disk_bytes"] / 1e6, "validation": hand_validation,
-            "test": hand_row["metrics"][metric]}
+    hand = {"size_mb": hand_row.metrics["size_on_disk_bytes"] / 1e6, "validation": hand_validation,
+            "test": hand_row.metrics[metric]}
     plot_front(state["points"], state, args.output_dir / PLOT_FILE,
                extra={"hand-written quickstart": (hand["size_mb"], hand_validation / state["teacher"]["validation"])})
 

@@ -20,7 +20,7 @@ from common import ROOT, save_results
 
 import hfcompress
 from hfcompress.data import load_task_data
-from hfcompress.modeling import load_tokenizer
+from hfcompress.sources import load_tokenizer
 from hfcompress.recipe import load_recipe, parse_recipe
 from hfcompress.report import format_table
 from hfcompress.tasks import make_task
@@ -51,7 +51,7 @@ def nf4_rounding_perplexities(recipe, teacher_dir) -> dict[int, float]:
 def main() -> None:
     recipe = load_recipe(ROOT / "recipes" / "smollm2-135m.yaml")
     compressed = hfcompress.run(recipe, output_dir=RUN_DIR)
-    rows = {row["label"]: row["metrics"] for row in compressed["rows"]}
+    rows = {row.label: row.metrics for row in compressed.rows}
 
     teacher_recipe = recipe.to_dict() | {
         "name": "smollm2-135m-teacher-quantized",
@@ -59,7 +59,7 @@ def main() -> None:
         "stages": [next(stage for stage in recipe.to_dict()["stages"] if name in stage) for name in ("quantize", "compare")],
     }
     quantized_teacher = hfcompress.run(parse_recipe(teacher_recipe), output_dir=ROOT / "runs" / "smollm2-teacher-quantized")
-    teacher_rows = {f"teacher {row['label'].split('/')[-1]}": row["metrics"] for row in quantized_teacher["rows"]}
+    teacher_rows = {f"teacher {row.variant}": row.metrics for row in quantized_teacher.rows if row.variant}
 
     teacher, pruned, healed = (rows[name]["perplexity"] for name in ("teacher", "layer-pruned", "healed"))
     nf4 = teacher_rows["teacher bnb-nf4"]["perplexity"]

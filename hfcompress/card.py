@@ -17,12 +17,12 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData, get_token
 
 from .errors import HfCompressError
 from .fileio import read_json, write_text
-from .modeling import QUANTIZATION_RECORD
 from .modeling_hfcompress import QUANTO_KEY, STRUCTURE_KEY
-from .pruning.structure import LEGACY_STRUCTURE_FILE
 from .plotting import plot_size_vs_quality
-from .report import latest_comparison, load_results, paired_timing
-from .search import SEARCH_FILE
+from .quantization import RECORD_FILE, QuantizationBackend, backend_for_checkpoint, read_record
+from .quantization.base import is_pruned_per_layer
+from .report import paired_timing
+from .run_dir import Row, RunDir, RunResults, TaskSummary
 from .sources import local_path
 
 CARD_FILE = "README.md"
@@ -30,7 +30,6 @@ PLOT_FILE = "size_vs_quality.png"
 PIPELINE_TAGS = {"text-classification": "text-classification", "causal-lm": "text-generation"}
 AUTO_CLASSES = {"text-classification": "AutoModelForSequenceClassification", "causal-lm": "AutoModelForCausalLM"}
 STAGE_TAGS = {"distill": "distillation", "prune": "pruned", "quantize": "quantized"}
-HUB_LIBRARY_TAGS = {"bitsandbytes", "quanto", "onnx", "compressed-tensors", "gguf"}  # backends that are also Hub tags
 REPO_PLACEHOLDER = "YOUR_NAMESPACE/{name}"
 
 # A model id quoted in the loading code of a card, e.g. from_pretrained('sentence-transformers/all-MiniLM-L6-v2').
@@ -52,36 +51,35 @@ class Teacher:
 
 @dataclass(frozen=True)
 class Quantization:
-    backend: str  # bitsandbytes | quanto | half | compressed-tensors | gptq | gguf
-    bits: int | None
-    details: dict
+    """How the final checkpoint is quantized: the backend that wrote it (with the variant's options) and its record."""
+
+    backend: QuantizationBackend
+    record: dict
 
 
 @dataclass(frozen=True)
 class Run:
-    results: dict
+    results: RunResults
     recipe_text: str
     final_dir: Path | None
     search: dict | None = None  # what `hfcompress search` tried before it chose this run
 
     @property
-    def task(self) -> dict:
-        return self.results["task"]
+    def task(self) -> TaskSummary:
+        return self.results.task
 
     @property
-    def rows(self) -> list[dict]:
-        return self.results.get("rows", [])
+    def rows(self) -> list[Row]:
+        return self.results.rows
 
     @property
-    def final_row(self) -> dict | None:
+    def final_row(self) -> Row | None:
         """The evaluation of the checkpoint the run publishes (the last one, if it was evaluated twice)."""
-        final = self.results.get("final_model_dir")
-        matching = [row for row in self.rows if row.get("model_dir") == final]
-        return matching[-1] if matching else None
+        return self.results.final_row
 
     @property
     def stage_names(self) -> list[str]:
-        return [stage["stage"] for stage in self.results.get("stages", [])]
+        return [stage.stage for stage in self.results.stages]
 
     @property
     def config(self) -> dict:
@@ -91,9 +89,8 @@ class Run:
 
     @property
     def pruned(self) -> bool:
-        """Whether the blocks differ in shape (per-layer structure in config.json, or an older record file)."""
-        return bool(self.config.get(STRUCTURE_KEY)) or (
-            self.final_dir is not None and (self.final_dir / LEGACY_STRUCTURE_FILE).is_file())
+        """Whether the blocks differ in shape (the per-layer structure in config.json)."""
+        return self.final_dir is not None and is_pruned_per_layer(self.final_dir)
 
     @property
     def remote_code(self) -> bool:
@@ -106,45 +103,19 @@ class Run:
 
 
 def load_run(run_dir: Path) -> Run:
-    run_dir = Path(run_dir)
-    results = load_results(run_dir)
-    recipe_path = run_dir / "recipe.yaml"
-    recipe_text = recipe_path.read_text(encoding="utf-8") if recipe_path.is_file() else ""
-    final = results.get("final_model_dir")
-    search = run_dir / SEARCH_FILE
-    return Run(results=results, recipe_text=recipe_text, final_dir=run_dir / final if final else None,
-               search=read_json(search) if search.is_file() else None)
+    run = RunDir(run_dir)
+    results = run.load_results()
+    recipe_text = run.recipe_file.read_text(encoding="utf-8") if run.recipe_file.is_file() else ""
+    final = results.final_model_dir
+    return Run(results=results, recipe_text=recipe_text, final_dir=run.path / final if final else None,
+               search=read_json(run.search_file) if run.search_file.is_file() else None)
 
 
 def read_quantization(folder: Path) -> Quantization | None:
-    """How a checkpoint is quantized: hfcompress's quantization.json, else a bitsandbytes config in config.json."""
-    record = folder / QUANTIZATION_RECORD
-    config = folder / "config.json"
-    bnb = read_json(config).get("quantization_config") if config.is_file() else None
-    if record.is_file():
-        details = read_json(record)
-        backend = details.get("backend", "unknown")
-    elif bnb:
-        details, backend = bnb, "bitsandbytes"
-    else:
+    """How a checkpoint is quantized, from the quantization.json its backend wrote (None: not quantized)."""
+    if not (Path(folder) / RECORD_FILE).is_file():
         return None
-    bits = _bits(details, bnb if backend == "bitsandbytes" else None)
-    return Quantization(backend=backend, bits=bits, details=details)
-
-
-def _bits(details: dict, bnb_config: dict | None) -> int | None:
-    if bnb_config:
-        return 4 if bnb_config.get("load_in_4bit") else 8 if bnb_config.get("load_in_8bit") else None
-    if isinstance(details.get("bits"), int):
-        return details["bits"]
-    if details.get("backend") == "gguf":  # f16, q8_0, q4_0, ...
-        match = re.search(r"(\d+)", str(details.get("type", "")))
-        return int(match.group(1)) if match else None
-    for key in ("weights", "dtype"):  # e.g. quanto "qint8" / "int4", half "float16" / "bfloat16"
-        match = re.search(r"(\d+)$", str(details.get(key, "")))
-        if match:
-            return int(match.group(1))
-    return None
+    return Quantization(backend=backend_for_checkpoint(folder), record=read_record(folder))
 
 
 def describe_teacher(reference: str) -> Teacher:
@@ -189,15 +160,15 @@ def card_metadata(run: Run, teacher: Teacher, repo_id: str | None) -> ModelCardD
     relation = {"base_model_relation": base_model_relation(run)} if teacher.hub_id else {}
     eval_results = evaluation_results(run)
     return ModelCardData(
-        language=task.get("language"),
+        language=task.language,
         license=getattr(teacher_data, "license", None),
         license_name=getattr(teacher_data, "license_name", None),
         license_link=getattr(teacher_data, "license_link", None),
         library_name="transformers",
-        pipeline_tag=PIPELINE_TAGS[task["type"]],
+        pipeline_tag=PIPELINE_TAGS[task.type],
         base_model=teacher.hub_id,
-        datasets=[task["dataset_id"]] if task.get("dataset_id") else None,
-        metrics=task.get("metrics"),
+        datasets=[task.dataset_id] if task.dataset_id else None,
+        metrics=task.metrics or None,
         tags=card_tags(run),
         model_name=model_name(run, repo_id),
         eval_results=eval_results or None,
@@ -210,7 +181,7 @@ def base_model_relation(run: Run) -> str:
 
     A model that was also fine-tuned, distilled or pruned is no longer the teacher's weights, so it is a "finetune".
     """
-    producing = [stage["stage"] for stage in run.results.get("stages", []) if stage.get("produces_model")]
+    producing = [stage.stage for stage in run.results.stages if stage.produces_model]
     return "quantized" if producing and set(producing) == {"quantize"} else "finetune"
 
 
@@ -221,15 +192,15 @@ def card_tags(run: Run) -> list[str]:
         tags.append("custom_code")  # the Hub's tag for repos that ship modeling code
     quantization = run.quantization
     if quantization is not None:
-        if quantization.bits is not None:
-            tags.append(f"{quantization.bits}-bit")
-        if quantization.backend in HUB_LIBRARY_TAGS:
-            tags.append(quantization.backend)
+        if quantization.backend.bits is not None:
+            tags.append(f"{quantization.backend.bits}-bit")
+        if quantization.backend.hub_tag:
+            tags.append(quantization.backend.hub_tag)
     return tags
 
 
 def model_name(run: Run, repo_id: str | None) -> str:
-    return repo_id.split("/")[-1] if repo_id else run.results["name"]
+    return repo_id.split("/")[-1] if repo_id else run.results.name
 
 
 def evaluation_results(run: Run) -> list[EvalResult]:
@@ -240,15 +211,15 @@ def evaluation_results(run: Run) -> list[EvalResult]:
     task = run.task
     return [
         EvalResult(
-            task_type=PIPELINE_TAGS[task["type"]],
-            dataset_type=task.get("dataset_id") or task["dataset"],
-            dataset_name=task.get("dataset_id") or task["dataset"],
-            dataset_split=row["metrics"].get("split", "test"),
+            task_type=PIPELINE_TAGS[task.type],
+            dataset_type=task.dataset_id or task.dataset,
+            dataset_name=task.dataset_id or task.dataset,
+            dataset_split=row.metrics.get("split", "test"),
             metric_type=metric,
-            metric_value=row["metrics"][metric],
+            metric_value=row.metrics[metric],
         )
-        for metric in task.get("metrics", [])
-        if row["metrics"].get(metric) is not None
+        for metric in task.metrics
+        if row.metrics.get(metric) is not None
     ]
 
 
@@ -277,8 +248,8 @@ def _introduction(run: Run, teacher: Teacher, repo_id: str | None) -> str:
     lines = [
         f"# {model_name(run, repo_id)}",
         "",
-        f"A compressed {task['type']} model made from {origin} by the hfcompress recipe `{run.results['name']}` "
-        f"({' → '.join(run.stage_names)}), evaluated on {task['dataset']}.",
+        f"A compressed {task.type} model made from {origin} by the hfcompress recipe `{run.results.name}` "
+        f"({' → '.join(run.stage_names)}), evaluated on {task.dataset}.",
     ]
     headline = _headline(run)
     if headline:
@@ -292,15 +263,15 @@ def _headline(run: Run) -> str | None:
         return None
     metric = _quality_metrics(run)[0]
     parts = []
-    size, reference_size = final["metrics"].get("size_on_disk_bytes"), reference["metrics"].get("size_on_disk_bytes")
+    size, reference_size = final.metrics.get("size_on_disk_bytes"), reference.metrics.get("size_on_disk_bytes")
     if size and reference_size:
-        parts.append(f"{reference_size / size:.2f}× smaller on disk than `{reference['label']}`")
-    if final["metrics"].get(metric) is not None and reference["metrics"].get(metric) is not None:
-        parts.append(f"{metric} {_format_metric(metric, final['metrics'][metric])} "
-                     f"(vs {_format_metric(metric, reference['metrics'][metric])})")
+        parts.append(f"{reference_size / size:.2f}× smaller on disk than `{reference.label}`")
+    if final.metrics.get(metric) is not None and reference.metrics.get(metric) is not None:
+        parts.append(f"{metric} {_format_metric(metric, final.metrics[metric])} "
+                     f"(vs {_format_metric(metric, reference.metrics[metric])})")
     if not parts:
         return None
-    return f"**Final model:** {', '.join(parts)} on the {final['metrics'].get('split', 'test')} split."
+    return f"**Final model:** {', '.join(parts)} on the {final.metrics.get('split', 'test')} split."
 
 
 def _lineage(run: Run, teacher: Teacher) -> str:
@@ -308,34 +279,33 @@ def _lineage(run: Run, teacher: Teacher) -> str:
     is_local_copy = teacher.hub_id and teacher.hub_id != teacher.reference
     known_as = f" (a local copy of `{teacher.hub_id}`)" if is_local_copy else ""
     lines.append(f"- teacher: `{teacher.reference}`{known_as}")
-    for stage in run.results.get("stages", []):
-        produced = ", produced a model" if stage.get("produces_model") else ""
-        seconds = f", {stage['seconds']:.0f} s" if stage.get("seconds") is not None else ""
-        options = json.dumps({k: v for k, v in (stage.get("options") or {}).items() if v is not None}, sort_keys=True)
-        lines.append(f"- `{stage['id']}` **{stage['stage']}**{produced}{seconds}: `{options}`")
-    if run.results.get("final_model_dir"):
-        lines += ["", f"This repository holds the checkpoint of `{run.results['final_model_dir']}`."]
+    for stage in run.results.stages:
+        produced = ", produced a model" if stage.produces_model else ""
+        options = json.dumps({k: v for k, v in stage.options.items() if v is not None}, sort_keys=True)
+        lines.append(f"- `{stage.id}` **{stage.stage}**{produced}, {stage.seconds:.0f} s: `{options}`")
+    if run.results.final_model_dir:
+        lines += ["", f"This repository holds the checkpoint of `{run.results.final_model_dir}`."]
     return "\n".join(lines)
 
 
 def _quality_metrics(run: Run) -> list[str]:
-    return list(run.task.get("metrics") or ["accuracy"])
+    return list(run.task.metrics or ["accuracy"])
 
 
 def _results(run: Run, plot_file: str | None) -> str | None:
     if not run.rows:
         return None
     metrics = _quality_metrics(run)
-    reference = run.rows[0]["metrics"]
-    comparison = latest_comparison(run.results)
+    reference = run.rows[0].metrics
+    comparison = run.results.latest_comparison()
     speed_header, speed_cells, speed_note = _paired_speed(run, comparison) if comparison else _stage_speed(run)
     header = ["model", "checkpoint", "parameters", "size on disk", *metrics, *speed_header]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in run.rows:
-        m = row["metrics"]
+        m = row.metrics
         cells = [
-            f"`{row['label']}`",
-            f"`{row['model_dir']}`" if row.get("model_dir") else "–",
+            f"`{row.label}`",
+            f"`{row.model_dir}`" if row.model_dir else "–",
             _cell(m.get("num_parameters"), reference.get("num_parameters"), lambda v: f"{v / 1e6:.2f} M"),
             _cell(m.get("size_on_disk_bytes"), reference.get("size_on_disk_bytes"), lambda v: f"{v / 1e6:.1f} MB"),
             *(_cell(m.get(name), reference.get(name), lambda v, name=name: _format_metric(name, v))
@@ -343,7 +313,7 @@ def _results(run: Run, plot_file: str | None) -> str | None:
             *speed_cells(row),
         ]
         lines.append("| " + " | ".join(cells) + " |")
-    examples = reference.get("num_examples") or run.task.get("test_split_size")
+    examples = reference.get("num_examples") or run.task.test_split_size
     lines += [
         "",
         f"Ratios in parentheses are against the first row. Quality on the {reference.get('split', 'test')} split"
@@ -359,15 +329,15 @@ def _paired_speed(run: Run, comparison: dict):
     settings = comparison["settings"]
     reference = comparison["models"][settings["reference"]]
 
-    def cells(row: dict) -> list[str]:
-        timed = paired_timing(comparison, row["label"])
+    def cells(row: Row) -> list[str]:
+        timed = paired_timing(comparison, row.label)
         if timed is None:
             return ["–", "–"]
         spread = f"{timed['speedup_q1']:.2f}–{timed['speedup_q3']:.2f}"
         return [f"{timed['latency_ms']:.1f} ms ({timed['speedup']:.2f}× faster, IQR {spread})",
                 _cell(timed["throughput_per_s"], reference["throughput_per_s"], lambda v: f"{v:.1f}")]
 
-    device = run.results.get("environment", {}).get("device", "the run's machine")
+    device = run.results.environment.get("device", "the run's machine")
     note = (f"speed measured on {device} with every model loaded in one process and timed round-robin "
             f"({settings['rounds']} rounds; latency: median of the block medians at batch 1, ratios paired per "
             f"round against `{settings['reference']}`, with their interquartile range; throughput at batch "
@@ -377,14 +347,14 @@ def _paired_speed(run: Run, comparison: dict):
 
 def _stage_speed(run: Run):
     """Speed columns from each evaluate stage (timed minutes apart: the card says so)."""
-    reference = run.rows[0]["metrics"]
+    reference = run.rows[0].metrics
 
-    def cells(row: dict) -> list[str]:
-        m = row["metrics"]
+    def cells(row: Row) -> list[str]:
+        m = row.metrics
         return [_cell(m.get("latency_ms_p50"), reference.get("latency_ms_p50"), lambda v: f"{v:.1f} ms"),
                 _cell(m.get("throughput_per_s"), reference.get("throughput_per_s"), lambda v: f"{v:.1f}")]
 
-    device = run.results.get("environment", {}).get("device", "the run's machine")
+    device = run.results.environment.get("device", "the run's machine")
     note = (f"latency (median, batch 1) and throughput measured on {device}, each model in its own stage: on a "
             "shared machine such timings taken minutes apart can differ by tens of percent.")
     return ["latency p50", f"throughput ({reference.get('throughput_unit', '/s')})"], cells, note
@@ -392,38 +362,38 @@ def _stage_speed(run: Run):
 
 def _fidelity(run: Run) -> str | None:
     """How far each evaluated model's outputs are from the teacher's, next to its quality (see hfcompress.fidelity)."""
-    compared_rows = [row for row in run.rows if row.get("fidelity", {}).get("teacher")]
+    compared_rows = [row for row in run.rows if row.fidelity.get("teacher")]
     if not compared_rows:
         return None
-    rows = [row for row in run.rows if row in compared_rows or "ece" in row["metrics"]]
+    rows = [row for row in run.rows if row in compared_rows or "ece" in row.metrics]
     metric = _quality_metrics(run)[0]
-    causal = "top1_agreement" in compared_rows[0]["fidelity"]["teacher"]
+    causal = "top1_agreement" in compared_rows[0].fidelity["teacher"]
     header = ["model", metric, "top-1 token agreement" if causal else "agreement", "KL (nats)",
               *([] if causal else ["right → wrong", "wrong → right"]), "ECE"]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for row in rows:
-        compared, m = row.get("fidelity", {}).get("teacher"), row["metrics"]
+        compared, m = row.fidelity.get("teacher"), row.metrics
         if compared is None:  # the teacher itself
             compared_cells = ["–"] * (2 if causal else 4)
         else:
             compared_cells = [f"{100 * compared['top1_agreement' if causal else 'agreement']:.1f}%", f"{compared['kl']:.4f}",
                               *([] if causal else [str(compared["right_to_wrong"]), str(compared["wrong_to_right"])])]
-        cells = [f"`{row['label']}`", _format_metric(metric, m[metric]) if m.get(metric) is not None else "–",
+        cells = [f"`{row.label}`", _format_metric(metric, m[metric]) if m.get(metric) is not None else "–",
                  *compared_cells, f"{m['ece']:.3f}" if m.get("ece") is not None else "–"]
         lines.append("| " + " | ".join(cells) + " |")
-    teacher = compared_rows[0]["fidelity"]["teacher"]["label"]
+    teacher = compared_rows[0].fidelity["teacher"]["label"]
     final = run.final_row if run.final_row in compared_rows else compared_rows[-1]
-    kl_over = final["fidelity"]["teacher"].get("kl_over")
-    lines += ["", f"Against `{teacher}` on the {final['metrics'].get('split', 'test')} split: agreement is the share "
+    kl_over = final.fidelity["teacher"].get("kl_over")
+    lines += ["", f"Against `{teacher}` on the {final.metrics.get('split', 'test')} split: agreement is the share "
               f"of {'token positions with the same most likely next token' if causal else 'examples with the same prediction'}"
               f", KL the mean KL(teacher ‖ model){f' over the {kl_over}' if kl_over else ''}"
               + ("" if causal else ", right → wrong the test examples the teacher got right and the model gets wrong")
-              + f"; ECE is the expected calibration error ({final['metrics'].get('ece_bins', '?')} bins)."]
-    changes = final["fidelity"]["teacher"].get("f1_change")
-    per_class = final["metrics"].get("per_class_f1")
+              + f"; ECE is the expected calibration error ({final.metrics.get('ece_bins', '?')} bins)."]
+    changes = final.fidelity["teacher"].get("f1_change")
+    per_class = final.metrics.get("per_class_f1")
     if changes and per_class:
         listed = ", ".join(f"{name} {score:.3f} ({changes.get(name, 0):+.3f})" for name, score in per_class.items())
-        lines += ["", f"F1 per class of `{final['label']}` (change against `{teacher}`): {listed}."]
+        lines += ["", f"F1 per class of `{final.label}` (change against `{teacher}`): {listed}."]
     return "## Fidelity to the teacher\n\n" + "\n".join(lines)
 
 
@@ -439,7 +409,7 @@ def _format_metric(name: str, value: float) -> str:
 
 
 def _generations(run: Run) -> str | None:
-    samples = run.results.get("generations")
+    samples = run.results.generations
     if not samples:
         return None
     lines = ["## Sample generations", "", "The same prompts continued by the teacher and by the final model."]
@@ -455,78 +425,27 @@ def _text_block(text: str) -> str:
 
 
 def _usage(run: Run, repo_id: str | None) -> str:
-    """Loading code for this kind of checkpoint, with transformers (and the quantization runtime it needs) alone."""
-    repo = repo_id or REPO_PLACEHOLDER.format(name=run.results["name"])
-    auto_class = AUTO_CLASSES[run.task["type"]]
+    """Loading code for this kind of checkpoint, with transformers (or the runtime its format is for) alone."""
+    repo = repo_id or REPO_PLACEHOLDER.format(name=run.results.name)
     quantization = run.quantization
-    if quantization is not None and quantization.backend == "onnx":
-        return onnx_usage(repo, run.task["type"])
-    arguments = [f'"{repo}"']
-    if run.remote_code:
-        arguments.append("trust_remote_code=True")
-    if quantization is not None and quantization.backend == "bitsandbytes":
-        arguments.append('device_map="cpu"')
-    if quantization is not None and quantization.backend == "gguf":
-        arguments.append(f'gguf_file="{quantization.details["gguf_file"]}"')
-    packages = ["transformers", "torch", *_runtime_packages(quantization)]
-    code = [
-        f"# pip install {' '.join(packages)}",
-        f"from transformers import AutoTokenizer, {auto_class}",
-        "",
-        f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
-        f"model = {auto_class}.from_pretrained({', '.join(arguments)})",
-        "",
-        *_inference_example(run.task["type"]),
-    ]
-    return "\n".join(["## How to use", "", "```python", *code, "```", *_usage_notes(run, quantization)])
-
-
-def onnx_usage(repo: str, task_type: str) -> str:
-    """How to run an ONNX checkpoint with onnxruntime and its tokenizer only (no torch, no hfcompress)."""
-    code = [
-        "import json",
-        "",
-        "import numpy as np",
-        "import onnxruntime as ort  # pip install onnxruntime",
-        "from huggingface_hub import snapshot_download",
-        "from transformers import AutoTokenizer",
-        "",
-        f'folder = snapshot_download("{repo}")',
-        "tokenizer = AutoTokenizer.from_pretrained(folder)",
-        'session = ort.InferenceSession(f"{folder}/model.onnx")',
-        "",
-    ]
-    if task_type == "causal-lm":
-        code += [
-            'input_ids = tokenizer("Once upon a time", return_tensors="np")["input_ids"]',
-            "for _ in range(30):  # greedy decoding; the graph has no KV cache, so each step reads the whole text",
-            '    logits = session.run(["logits"], {"input_ids": input_ids, "attention_mask": np.ones_like(input_ids)})[0]',
-            "    input_ids = np.concatenate([input_ids, logits[:, -1:].argmax(-1)], axis=1)",
-            "print(tokenizer.decode(input_ids[0], skip_special_tokens=True))",
+    backend, record = (quantization.backend, quantization.record) if quantization else (None, {})
+    code = backend.usage_code(repo, run.task.type, record) if backend else None
+    notes = backend.usage_notes(record) if backend else []
+    if code is None:  # transformers' from_pretrained, with the keywords the format needs
+        notes = [*_usage_notes(run), *notes]
+        auto_class = AUTO_CLASSES[run.task.type]
+        arguments = [f'"{repo}"', *(["trust_remote_code=True"] if run.remote_code else []),
+                     *(backend.loading_arguments(record) if backend else [])]
+        code = [
+            f"# pip install {' '.join(['transformers', 'torch', *(backend.runtime_packages if backend else [])])}",
+            f"from transformers import AutoTokenizer, {auto_class}",
+            "",
+            f'tokenizer = AutoTokenizer.from_pretrained("{repo}")',
+            f"model = {auto_class}.from_pretrained({', '.join(arguments)})",
+            "",
+            *_inference_example(run.task.type),
         ]
-    else:
-        code += [
-            'inputs = tokenizer(["A gripping, beautifully shot film."], return_tensors="np")',
-            'feed = {graph_input.name: inputs[graph_input.name] for graph_input in session.get_inputs()}',
-            'logits = session.run(["logits"], feed)[0]',
-            'id2label = json.load(open(f"{folder}/config.json"))["id2label"]',
-            "print(id2label[str(logits[0].argmax())])",
-        ]
-    notes = ["", "The model is an ONNX graph (`model.onnx`) for ONNX Runtime; it needs neither torch nor hfcompress. "
-             "`hfcompress.from_pretrained(folder)` loads it as an `ORTModel` that is called like a transformers model."]
-    return "\n".join(["## How to use", "", "```python", *code, "```", *notes])
-
-
-def _runtime_packages(quantization: Quantization | None) -> list[str]:
-    if quantization is None:
-        return []
-    return {"bitsandbytes": ["bitsandbytes"], "quanto": ["optimum-quanto"], "compressed-tensors": ["compressed-tensors"],
-            "gptq": ["compressed-tensors"], "gguf": ["gguf"]}.get(quantization.backend, [])
-
-
-def _bnb_embeddings(quantization: Quantization | None) -> bool:
-    return (quantization is not None and quantization.backend == "bitsandbytes"
-            and quantization.details.get("quantize_embeddings") is True)
+    return "\n".join(["## How to use", "", "```python", *code, "```", *(["", *notes] if notes else [])])
 
 
 def _inference_example(task_type: str) -> list[str]:
@@ -543,7 +462,8 @@ def _inference_example(task_type: str) -> list[str]:
     ]
 
 
-def _usage_notes(run: Run, quantization: Quantization | None) -> list[str]:
+def _usage_notes(run: Run) -> list[str]:
+    """What the checkpoint's own structure asks of its loader (the format's notes come from its backend)."""
     notes = []
     if run.pruned:
         notes.append(f"Pruning left blocks of different shapes (per-layer head counts and feed-forward widths, in "
@@ -553,27 +473,7 @@ def _usage_notes(run: Run, quantization: Quantization | None) -> list[str]:
                      "transformers only; read it first): a subclass of the transformers model that cuts each block to "
                      "its saved shape before the weights load" + (" and restores the optimum-quanto weights"
                      if run.config.get(QUANTO_KEY) else "") + ".")
-    if quantization is not None and quantization.backend == "quanto":
-        notes.append("The weights are optimum-quanto tensors, which transformers cannot load by itself: the modeling "
-                     "file rebuilds them with `optimum.quanto.requantize` (`pip install optimum-quanto`), on the CPU.")
-    if quantization is not None and quantization.backend in ("compressed-tensors", "gptq"):
-        notes.append("The Linear weights are a compressed-tensors `pack-quantized` checkpoint (needs "
-                     "`pip install compressed-tensors`); transformers unpacks them at the first forward, and vLLM "
-                     "serves the checkpoint as it is.")
-    if quantization is not None and quantization.backend == "gguf":
-        notes.append(f"The weights are one llama.cpp GGUF file (`{quantization.details['gguf_file']}`): llama.cpp "
-                     "runs it as it is; transformers dequantizes it to float when loading (needs `pip install gguf`).")
-    if quantization is not None and quantization.backend == "bitsandbytes":
-        if _bnb_embeddings(quantization):
-            notes.append("The word embeddings are quantized too (bitsandbytes `Embedding8bit`/`Embedding4bit`) and "
-                         "stored in a file of their own, `quantized_embeddings.safetensors`.")
-        notes.append("The `BitsAndBytesConfig` is stored in `config.json` (`quantization_config`), so "
-                     "`from_pretrained` re-creates the quantized layers; it needs `pip install bitsandbytes`. "
-                     'On a GPU use `device_map="auto"` instead of `"cpu"`.')
-    if quantization is not None and quantization.backend == "half":
-        notes.append(f"The weights are stored in {quantization.details.get('dtype', 'half precision')}, and "
-                     "`from_pretrained` loads them in that dtype (transformers 5 defaults to `dtype=\"auto\"`).")
-    return ["", *notes] if notes else []
+    return notes
 
 
 def _search(run: Run) -> str | None:
@@ -607,7 +507,7 @@ def _recipe(run: Run) -> str | None:
 
 
 def _environment(run: Run) -> str | None:
-    environment = run.results.get("environment")
+    environment = run.results.environment
     if not environment:
         return None
     lines = [f"- {name}: {value}" for name, value in environment.items() if value is not None]
@@ -616,10 +516,10 @@ def _environment(run: Run) -> str | None:
 
 def _limitations(run: Run, teacher: Teacher) -> str:
     task = run.task
-    language = task.get("language") or "an unstated language"
+    language = task.language or "an unstated language"
     measured = ", ".join(_quality_metrics(run))
     lines = [
-        f"- Its task data all comes from {task['dataset']} ({language}); expect different results on other "
+        f"- Its task data all comes from {task.dataset} ({language}); expect different results on other "
         "domains, text lengths or languages.",
         f"- Measured: {measured}, parameter count, size on disk, latency and throughput. Not evaluated: robustness, "
         "calibration, bias and fairness, out-of-domain data.",
@@ -628,11 +528,11 @@ def _limitations(run: Run, teacher: Teacher) -> str:
         f"- It inherits the limitations and biases of its teacher `{teacher.hub_id or teacher.reference}`; read that "
         "model's card.",
     ]
-    if task["type"] == "causal-lm":
+    if task.type == "causal-lm":
         lines.append("- Perplexity measures fit to the evaluation text, not whether generations are useful, safe or "
                      "true.")
-    if task.get("label_names"):
-        lines.append(f"- Labels: {', '.join(task['label_names'])}.")
+    if task.label_names:
+        lines.append(f"- Labels: {', '.join(task.label_names)}.")
     if run.final_row is None:
         lines.append("- The published checkpoint itself was not evaluated in this run (no `evaluate` stage after it).")
     return "## Limitations\n\n" + "\n".join(lines)
@@ -647,7 +547,7 @@ def build_model_card(run_dir: Path, repo_id: str | None = None, plot_file: str |
 
 
 def render_card(run: Run, repo_id: str | None, plot_file: str | None) -> ModelCard:
-    teacher = describe_teacher(run.results["teacher"])
+    teacher = describe_teacher(run.results.teacher)
     metadata = card_metadata(run, teacher, repo_id)
     body = card_body(run, teacher, repo_id, plot_file)
     return ModelCard(scrub(f"---\n{metadata.to_yaml()}\n---\n\n{body}"))
@@ -656,7 +556,7 @@ def render_card(run: Run, repo_id: str | None, plot_file: str | None) -> ModelCa
 def write_model_card(run_dir: Path, model_cards_dir: Path, repo_id: str | None = None) -> Path:
     """Write README.md and the plot into the final checkpoint and into `model_cards/<run name>/`; returns the latter."""
     run = load_run(run_dir)
-    targets = [Path(model_cards_dir) / run.results["name"]]
+    targets = [Path(model_cards_dir) / run.results.name]
     if run.final_dir is not None:
         targets.insert(0, run.final_dir)
     plot_written = False

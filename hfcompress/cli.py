@@ -7,7 +7,20 @@ import argparse
 import sys
 from pathlib import Path
 
+import torch
+
+from .card import write_model_card
+from .comparison import CompareOptions, run_comparison
 from .errors import HfCompressError
+from .hub import push_run
+from .pipeline import check_sources, run
+from .plan import format_plan, plan_recipe
+from .quantization import export_checkpoint
+from .recipe import load_recipe
+from .report import format_fidelity_table, format_table
+from .run_dir import RunDir
+from .search import search
+from .tasks import make_task
 
 EXIT_USAGE = 2
 
@@ -44,10 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     compare = commands.add_parser("compare", help="time every model a run evaluated together, round-robin")
     compare.add_argument("run_dir")
+    defaults = CompareOptions()
     compare.add_argument("--reference", help="row label the ratios are against (default: the first row)")
-    compare.add_argument("--rounds", type=int, default=10)
-    compare.add_argument("--block-calls", type=int, default=15)
-    compare.add_argument("--throughput-rounds", type=int, default=5)
+    compare.add_argument("--rounds", type=int, default=defaults.rounds)
+    compare.add_argument("--block-calls", type=int, default=defaults.block_calls)
+    compare.add_argument("--throughput-rounds", type=int, default=defaults.throughput_rounds)
 
     card = commands.add_parser("card", help="write the model card of a run (final checkpoint + model_cards/)")
     card.add_argument("run_dir")
@@ -89,17 +103,11 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args) -> int:
-    from .pipeline import run
-    from .recipe import load_recipe
-
     run(load_recipe(args.recipe, args.overrides), output_dir=args.output_dir)
     return 0
 
 
 def _search(args) -> int:
-    from .recipe import load_recipe
-    from .search import search
-
     search(load_recipe(args.recipe, args.overrides), output_dir=args.output_dir, max_size_mb=args.max_size_mb,
            min_quality=args.min_quality, max_latency_ms=args.max_latency_ms, min_speedup=args.min_speedup,
            budget_minutes=args.budget_minutes)
@@ -107,15 +115,10 @@ def _search(args) -> int:
 
 
 def _validate(args) -> int:
-    from .plan import format_plan, plan_recipe
-    from .recipe import load_recipe
-
     recipe = load_recipe(args.recipe, args.overrides)
     if args.recipe_only:
         print(f"{args.recipe}: ok ({len(recipe.stages)} stages: {', '.join(recipe.stage_ids())}; sources not checked)")
         return 0
-    from .pipeline import check_sources
-
     print("\n".join(check_sources(recipe)))
     planned = plan_recipe(recipe)  # every stage against the model's shape: errors name the recipe line
     print(f"{args.recipe}: ok ({len(recipe.stages)} stages: {', '.join(recipe.stage_ids())})")
@@ -124,9 +127,7 @@ def _validate(args) -> int:
 
 
 def _report(args) -> int:
-    from .report import format_fidelity_table, format_table, load_results
-
-    results = load_results(args.run_dir)
+    results = RunDir(args.run_dir).load_results()
     print(format_table(results))
     fidelity = format_fidelity_table(results)
     if fidelity:
@@ -135,24 +136,26 @@ def _report(args) -> int:
 
 
 def _compare(args) -> int:
-    from .comparison import compare_run
-    from .report import format_table
-
-    print(format_table(compare_run(Path(args.run_dir), reference=args.reference, rounds=args.rounds,
-                                   block_calls=args.block_calls, throughput_rounds=args.throughput_rounds)))
+    """Time every model a finished run evaluated; the comparison is added to its results.json."""
+    run_dir = RunDir(args.run_dir)
+    results = run_dir.load_results()
+    recipe = load_recipe(run_dir.recipe_file)
+    options = CompareOptions(reference=args.reference, rounds=args.rounds, block_calls=args.block_calls,
+                             throughput_rounds=args.throughput_rounds)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    results.comparison = run_comparison(run_dir.path, results.rows, make_task(recipe.task), options,
+                                        recipe.task.max_length, device)
+    run_dir.save_results(results)
+    print(format_table(results))
     return 0
 
 
 def _card(args) -> int:
-    from .card import write_model_card
-
     print(write_model_card(Path(args.run_dir), Path(args.model_cards_dir), repo_id=args.repo_id))
     return 0
 
 
 def _push(args) -> int:
-    from .hub import push_run
-
     result = push_run(Path(args.run_dir), args.repo_id, private=args.private, revision=args.revision,
                       create_pr=args.create_pr, commit_message=args.commit_message, dry_run=args.dry_run)
     print(result.summary())
@@ -160,10 +163,9 @@ def _push(args) -> int:
 
 
 def _export(args) -> int:
-    from .quantization.onnx import export_checkpoint
-
-    quantization = {"int8": "int8-dynamic"}.get(args.quantize, args.quantize)
-    print(export_checkpoint(args.model, args.output_dir, quantization, optimize=not args.no_optimize))
+    variant = {"backend": "onnx", "quantization": {"int8": "int8-dynamic"}.get(args.quantize, args.quantize),
+               "optimize": not args.no_optimize}
+    print(export_checkpoint(args.model, args.output_dir, variant))
     return 0
 
 

@@ -13,37 +13,61 @@ import logging
 from pathlib import Path
 
 import torch
+from pydantic import Field
 
 from .errors import HfCompressError, first_line
 from .evaluation import model_device, place_on, synthetic_batch
 from .modeling import load_model
-from .recipe import ModelReference
+from .recipe_schema import ModelReference, StrictModel
+from .run_dir import Row
 from .timing import speedups, time_round_robin
 
 logger = logging.getLogger("hfcompress")
 
 
-def load_row_models(run_dir: Path, rows: list[dict], model_class,
+class CompareOptions(StrictModel):
+    """How the comparison pass times the models (the `compare` stage's options and `hfcompress compare`'s flags)."""
+
+    reference: str | None = Field(None, description="row label the ratios are against; default: the first row")
+    timing_sequence_length: int | None = Field(None, ge=1, description="default: task.max_length")
+    rounds: int = Field(10, ge=1, description="batch-1 rounds; each times every model in one block")
+    block_calls: int = Field(15, ge=1, description="timed calls per block (their median is the block's figure)")
+    warmup_calls: int = Field(3, ge=0, description="untimed calls before each block")
+    throughput_batch_size: int = Field(32, ge=1)
+    throughput_rounds: int = Field(5, ge=1)
+    throughput_block_calls: int = Field(3, ge=1)
+
+
+def run_comparison(run_dir: Path, rows: list[Row], task, options: CompareOptions, max_length: int,
+                   device: str | torch.device = "cpu") -> dict:
+    """Load every model the rows evaluated and time them together: the comparison record of results.json."""
+    models, failed, aliases = load_row_models(run_dir, rows, task.model_class, device)
+    settings = options.model_dump(exclude={"timing_sequence_length"})
+    comparison = compare_models(models, task, sequence_length=options.timing_sequence_length or max_length, **settings)
+    return {**comparison, "failed": failed, "aliases": aliases}
+
+
+def load_row_models(run_dir: Path, rows: list[Row], model_class,
                     device: str | torch.device = "cpu") -> tuple[dict, dict[str, str], dict[str, str]]:
     """Each evaluated checkpoint once (label of its first row -> model), the ones that failed to load (label ->
     reason), and the labels of later rows that evaluated the same checkpoint (label -> first label)."""
     models, failed, aliases, first_label = {}, {}, {}, {}
     for row in rows:
-        model_dir = row.get("model_dir")
+        model_dir = row.model_dir
         if not model_dir:
             continue
         if model_dir in first_label:
-            aliases[row["label"]] = first_label[model_dir]
+            aliases[row.label] = first_label[model_dir]
             continue
-        first_label[model_dir] = row["label"]
+        first_label[model_dir] = row.label
         location = Path(run_dir) / model_dir
         reference = str(location) if location.exists() else model_dir  # else a Hub id or pkg:// (the teacher)
         try:
-            model = load_model(ModelReference(name_or_path=reference), model_class, row["label"])
-            models[row["label"]] = place_on(model, device).eval()
+            model = load_model(ModelReference(name_or_path=reference), model_class, row.label)
+            models[row.label] = place_on(model, device).eval()
         except (HfCompressError, OSError, RuntimeError, ValueError) as error:
-            failed[row["label"]] = first_line(error)
-            logger.warning("compare: %s cannot be loaded, left out: %s", row["label"], failed[row["label"]])
+            failed[row.label] = first_line(error)
+            logger.warning("compare: %s cannot be loaded, left out: %s", row.label, failed[row.label])
     return models, failed, aliases
 
 
@@ -96,24 +120,3 @@ def _time(models: dict, inputs: dict, rounds: int, block_calls: int, warmup_call
     synchronize = torch.cuda.synchronize if torch.cuda.is_available() else None
     progress = lambda index: logger.info("compare: %s, round %d/%d", what, index + 1, rounds)  # noqa: E731
     return time_round_robin(calls, rounds, block_calls, warmup_calls, synchronize=synchronize, on_round=progress)
-
-
-def compare_run(run_dir: Path, **options) -> dict:
-    """Time every model a finished run evaluated (`hfcompress compare RUN`); the comparison is added to its
-    results.json, which is returned. `options` are `CompareOptions` fields."""
-    from .fileio import write_json
-    from .recipe import load_recipe
-    from .report import load_results
-    from .stages.compare import CompareOptions, run_comparison
-    from .tasks import make_task
-
-    results = load_results(run_dir)
-    recipe = load_recipe(Path(run_dir) / "recipe.yaml")
-    task = make_task(recipe.task)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    models, failed, aliases = load_row_models(run_dir, results.get("rows", []), task.model_class, device)
-    given = {key: value for key, value in options.items() if value is not None}
-    comparison = run_comparison(models, task, CompareOptions(**given), recipe.task.max_length)
-    results["comparison"] = {**comparison, "failed": failed, "aliases": aliases}
-    write_json(Path(run_dir) / "results.json", results)
-    return results

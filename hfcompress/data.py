@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Sampler
 from transformers import DataCollatorWithPadding, default_data_collator
 
 from .errors import HfCompressError
-from .recipe import DatasetSource, ExtraEvaluationSet, SplitOptions, TaskOptions
+from .recipe_schema import DatasetSource, ExtraEvaluationSet, SplitOptions, TaskOptions
 from .sources import resolve_data_files
 from .splitting import connected_groups, split_indices
 

@@ -14,7 +14,12 @@ def write_text(path: Path, text: str) -> None:
 
 
 def write_json(path: Path, data) -> None:
-    write_text(path, json.dumps(data, indent=2, default=str) + "\n")
+    """JSON with pydantic models (results.json records) as their JSON form, and other objects as text."""
+    write_text(path, json.dumps(data, indent=2, default=_as_json) + "\n")
+
+
+def _as_json(value):
+    return value.model_dump(mode="json") if hasattr(value, "model_dump") else str(value)
 
 
 def read_json(path: Path):

@@ -18,7 +18,7 @@ from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import DEFAULT_IGNORE_PATTERNS, filter_repo_objects
 
 from .errors import HfCompressError
-from .report import load_results
+from .run_dir import STAGE_RECORD_FILE, METRICS_FILE, FINGERPRINT_FILE, RunDir
 
 try:  # huggingface_hub >= 2 talks HTTP through httpx2, earlier versions through httpx
     from httpx2 import TransportError
@@ -26,7 +26,7 @@ except ImportError:
     from httpx import TransportError
 
 # Run bookkeeping that is not part of the model: stage records and logs may name local paths.
-RUN_BOOKKEEPING_PATTERNS = ["stage.json", "metrics.json", "fingerprint", "*.log", "checkpoint-*/*", ".*.tmp"]
+RUN_BOOKKEEPING_PATTERNS = [STAGE_RECORD_FILE, METRICS_FILE, FINGERPRINT_FILE, "*.log", "checkpoint-*/*", ".*.tmp"]
 RETRYABLE_STATUS_CODES = {408, 429, 500, 502, 503, 504}
 RETRY_BASE_WAIT_S = 1.0
 TOKEN_SCAN_MAX_BYTES = 2_000_000  # the token can only leak through small text files (configs, cards)
@@ -100,11 +100,11 @@ def push_to_hub(
 def push_run(run_dir: Path, repo_id: str, **options) -> PushResult:
     """Push a run's final checkpoint (`final_model_dir` in results.json); options as for `push_to_hub`."""
     run_dir = Path(run_dir)
-    results = load_results(run_dir)
-    if not results.get("final_model_dir"):
+    results = RunDir(run_dir).load_results()
+    if not results.final_model_dir:
         raise HfCompressError(f"{run_dir}: the run has produced no model yet, nothing to push")
-    options.setdefault("commit_message", f"Upload compressed model from hfcompress run {results['name']}")
-    return push_to_hub(run_dir / results["final_model_dir"], repo_id, **options)
+    options.setdefault("commit_message", f"Upload compressed model from hfcompress run {results.name}")
+    return push_to_hub(Path(run_dir) / results.final_model_dir, repo_id, **options)
 
 
 def files_to_upload(folder: Path) -> list[tuple[str, int]]:

@@ -5,20 +5,20 @@ from __future__ import annotations
 from pathlib import Path
 
 from huggingface_hub import snapshot_download
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+from transformers import AutoModelForCausalLM
 
-from .errors import HfCompressError, first_line
 from .fileio import read_json
 from .modeling_hfcompress import QUANTO_KEY, STRUCTURE_KEY
-from .pruning.structure import LEGACY_STRUCTURE_FILE
-from .quantization.base import RECORD_FILE as QUANTIZATION_RECORD
-from .recipe import ModelReference
-from .sources import resolve_model_reference
+from .pruning import load_pruned, save_pruned
+from .quantization import RECORD_FILE as QUANTIZATION_RECORD
+from .quantization import load_quantized
+from .recipe_schema import ModelReference
+from .sources import load_reference, load_tokenizer, model_class_for
 
 # from_pretrained keywords that say which files to fetch from the Hub, rather than how to build the model.
 HUB_KEYWORDS = ("revision", "token", "cache_dir", "force_download", "local_files_only", "proxies")
 # The small files that say whether a Hub checkpoint is one that hfcompress must rebuild itself.
-DESCRIPTION_FILES = ["config.json", QUANTIZATION_RECORD, LEGACY_STRUCTURE_FILE]
+DESCRIPTION_FILES = ["config.json", QUANTIZATION_RECORD]
 
 
 def from_pretrained(name_or_path: str | Path, model_class=None, **kwargs):
@@ -39,11 +39,7 @@ def from_pretrained(name_or_path: str | Path, model_class=None, **kwargs):
                 str(name_or_path), **hub_kwargs, **kwargs)
     model_class = model_class or model_class_for(folder)
     if (folder / QUANTIZATION_RECORD).is_file():  # a quantized pruned model is rebuilt by its backend too
-        from .quantization import load_quantized
-
         return load_quantized(folder, model_class)
-    from .pruning import load_pruned
-
     return load_pruned(folder, model_class, **kwargs)  # plain from_pretrained when nothing is pruned
 
 
@@ -54,19 +50,8 @@ def download(repo_id: str, **hub_kwargs) -> Path | None:
     """
     small = Path(snapshot_download(repo_id, allow_patterns=DESCRIPTION_FILES, **hub_kwargs))
     config = read_json(small / "config.json") if (small / "config.json").is_file() else {}
-    special = (config.get(STRUCTURE_KEY) or config.get(QUANTO_KEY) or (small / QUANTIZATION_RECORD).is_file()
-               or (small / LEGACY_STRUCTURE_FILE).is_file())
+    special = config.get(STRUCTURE_KEY) or config.get(QUANTO_KEY) or (small / QUANTIZATION_RECORD).is_file()
     return Path(snapshot_download(repo_id, **hub_kwargs)) if special else None
-
-
-def model_class_for(path: str | Path, **hub_kwargs):
-    """The Auto class matching the checkpoint's architecture (classifier, causal LM or bare model)."""
-    architectures = AutoConfig.from_pretrained(str(path), **hub_kwargs).architectures or []
-    if any(name.endswith("ForSequenceClassification") for name in architectures):
-        return AutoModelForSequenceClassification
-    if any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in architectures):
-        return AutoModelForCausalLM
-    return AutoModel
 
 
 def load_model(reference: ModelReference | str, model_class, key: str = "teacher", **kwargs):
@@ -74,33 +59,7 @@ def load_model(reference: ModelReference | str, model_class, key: str = "teacher
     def load(location: str, **options):
         return from_pretrained(location, model_class, **options)
 
-    return _load_reference(reference, key, "model", load, **kwargs)
-
-
-def load_config(reference: ModelReference | str, key: str = "teacher", **kwargs):
-    """A model's config only (cheap: no weights; a GGUF file's is read from its metadata, which takes seconds)."""
-    return _load_reference(reference, key, "the config of", AutoConfig.from_pretrained, **kwargs)
-
-
-def load_tokenizer(reference: ModelReference | str, key: str = "teacher"):
-    tokenizer = _load_reference(reference, key, "tokenizer", AutoTokenizer.from_pretrained)
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def _load_reference(reference: ModelReference | str, key: str, what: str, loader, **kwargs):
-    """`loader(location, **kwargs)` for a reference's resolved location, revision and GGUF file; one-line errors."""
-    reference = ModelReference.model_validate(reference)
-    location = resolve_model_reference(reference.name_or_path, key)
-    if reference.revision:
-        kwargs["revision"] = reference.revision
-    if reference.gguf_file:
-        kwargs["gguf_file"] = reference.gguf_file
-    try:
-        return loader(location, **kwargs)
-    except (OSError, ValueError) as error:
-        raise HfCompressError(f"{key}: cannot load {what} {reference.name_or_path!r}: {first_line(error)}") from None
+    return load_reference(reference, key, "model", load, **kwargs)
 
 
 def convert_gguf_checkpoint(reference: ModelReference, model_class, folder: Path) -> None:
@@ -120,8 +79,6 @@ def convert_gguf_checkpoint(reference: ModelReference, model_class, folder: Path
 
 def save_checkpoint(model, tokenizer, folder: Path, accelerator=None) -> None:
     """`save_pretrained` the (unwrapped) model and its tokenizer; call it on the main process only."""
-    from .pruning import save_pruned
-
     if accelerator is not None:
         model = accelerator.unwrap_model(model)
     folder.mkdir(parents=True, exist_ok=True)

@@ -19,42 +19,39 @@ import time
 from importlib import metadata
 from pathlib import Path
 
+import datasets
 import torch
 from accelerate import Accelerator
 
 from .data import load_task_data, prepare_task_data, source_name
-from .fileio import read_json, write_json, write_text
-from .modeling import convert_gguf_checkpoint, load_config, load_tokenizer
+from .fileio import write_json, write_text
+from .modeling import convert_gguf_checkpoint
 from .plan import format_plan, plan_recipe
-from .recipe import ModelReference, Recipe
+from .recipe_schema import ModelReference, Recipe
 from .report import format_fidelity_table, format_table
-from .sources import resolve_data_files
+from .run_dir import METRICS_FILE, FINGERPRINT_FILE, STAGE_RECORD_FILE, Row, RunDir, RunResults, StageRecord, TaskSummary
+from .sources import load_config, load_tokenizer, resolve_data_files
 from .stages import Stage, StageContext, StageResult, get_stage_class
 from .tasks import make_task
 from .timing import cpu_description
 
 logger = logging.getLogger("hfcompress")
-STAGE_RECORD = "stage.json"
-METRICS_FILE = "metrics.json"
-RESULTS_FILE = "results.json"
-RECIPE_FILE = "recipe.yaml"
-LOG_FILE = "run.log"
-TEACHER_DIR = "00-teacher"
 
 
-def run(recipe: Recipe, output_dir: str | Path | None = None) -> dict:
+def run(recipe: Recipe, output_dir: str | Path | None = None) -> RunResults:
     """Run a recipe end to end (or resume it) and return the run's results (complete on the main process)."""
     accelerator = make_accelerator(recipe.mixed_precision)
-    run_dir = Path(output_dir) if output_dir is not None else recipe.resolved_output_dir
+    run_dir = RunDir(output_dir if output_dir is not None else recipe.resolved_output_dir)
     runner = _Runner(recipe, run_dir, accelerator)
     data = runner.load_data()  # bad input (teacher, data, columns, labels) fails here, before anything is written
     planned = plan_recipe(recipe, data.label_names, data.tokenizer)  # so does an option no stage could carry out
     if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_text(run_dir / RECIPE_FILE, recipe.to_yaml())
-    configure_logging(run_dir / LOG_FILE, accelerator.is_main_process)
+        run_dir.path.mkdir(parents=True, exist_ok=True)
+        write_text(run_dir.recipe_file, recipe.to_yaml())
+    configure_logging(run_dir.log_file, accelerator.is_main_process)
     accelerator.wait_for_everyone()
-    logger.info("run %s in %s on %s (%d process(es))", recipe.name, run_dir, accelerator.device, accelerator.num_processes)
+    logger.info("run %s in %s on %s (%d process(es))", recipe.name, run_dir.path, accelerator.device,
+                accelerator.num_processes)
     log_data_report(data.report)
     logger.info("%s", format_plan(planned))
     results = runner.run_all()
@@ -63,7 +60,7 @@ def run(recipe: Recipe, output_dir: str | Path | None = None) -> dict:
         fidelity = format_fidelity_table(results)
         if fidelity:
             print(fidelity)
-        logger.info("results in %s", run_dir / RESULTS_FILE)
+        logger.info("results in %s", run_dir.results_file)
     accelerator.wait_for_everyone()
     return results
 
@@ -125,8 +122,6 @@ def configure_logging(log_file: Path, is_main_process: bool) -> None:
     logger.propagate = False
     if not is_main_process:
         logger.addHandler(logging.NullHandler())
-        import datasets
-
         datasets.disable_progress_bars()
         return
     console = logging.StreamHandler(sys.stderr)
@@ -138,22 +133,15 @@ def configure_logging(log_file: Path, is_main_process: bool) -> None:
 
 
 class _Runner:
-    def __init__(self, recipe: Recipe, run_dir: Path, accelerator: Accelerator):
-        self.recipe, self.run_dir, self.accelerator = recipe, run_dir, accelerator
+    def __init__(self, recipe: Recipe, run_dir: RunDir, accelerator: Accelerator):
+        self.recipe, self.run, self.accelerator = recipe, run_dir, accelerator
         self.task = make_task(recipe.task)
         self._data = None
         self._data_by_vocabulary = {}
         self._tokenizers = {}
         self.models: dict[str, ModelReference] = {"teacher": recipe.teacher}
-        self.results = {
-            "name": recipe.name,
-            "teacher": recipe.teacher.name_or_path,
-            "task": _task_summary(recipe),
-            "final_model_dir": None,
-            "stages": [],
-            "rows": [],
-            "environment": environment(accelerator),
-        }
+        self.results = RunResults(name=recipe.name, teacher=recipe.teacher.name_or_path, task=_task_summary(recipe),
+                                  environment=environment(accelerator))
 
     def load_data(self, reference: ModelReference | None = None):
         """The task data tokenized by the teacher's tokenizer, or by `reference`'s when its vocabulary differs
@@ -162,8 +150,8 @@ class _Runner:
             with self.accelerator.main_process_first():
                 tokenizer = load_tokenizer(self.recipe.teacher)
                 self._data = load_task_data(self.recipe.task, tokenizer, self.recipe.seed)
-            self.results["task"]["test_split_size"] = len(self._data["test"])
-            self.results["task"]["data"] = self._data.report.as_dict()
+            self.results.task.test_split_size = len(self._data["test"])
+            self.results.task.data = self._data.report.as_dict()
         tokenizer = self.load_tokenizer(reference) if reference is not None else self._data.tokenizer
         vocabulary = tokenizer.get_vocab()
         if vocabulary == self._data.tokenizer.get_vocab():
@@ -196,14 +184,14 @@ class _Runner:
                 stage_class(entry.options), stage_id, fingerprint, current
             )
             if stage_class.produces_model:
-                current = ModelReference(name_or_path=str(self.run_dir / record["model_dir"]))
+                current = ModelReference(name_or_path=str(self.run.path / record.model_dir))
                 self.models[stage_id] = current
-                self.results["final_model_dir"] = record["model_dir"]
-            self.results["stages"].append(record)
-            self.results["rows"].extend(record.get("rows", []))
-            self.results["generations"] = generation_samples(self.results["rows"])
+                self.results.final_model_dir = record.model_dir
+            self.results.stages.append(record)
+            self.results.rows.extend(record.rows)
+            self.results.generations = generation_samples(self.results.rows)
             if self.accelerator.is_main_process:
-                write_json(self.run_dir / RESULTS_FILE, self.results)
+                self.run.save_results(self.results)
         return self.results
 
     def _teacher_checkpoint(self) -> ModelReference:
@@ -211,10 +199,10 @@ class _Runner:
         teacher = self.recipe.teacher
         if not teacher.gguf_file:
             return teacher
-        folder = self.run_dir / TEACHER_DIR
+        folder = self.run.teacher_dir
         if self.accelerator.is_main_process and not (folder / "config.json").is_file():
             logger.info("converting the GGUF teacher %s into %s", teacher.gguf_file, folder)
-            partial = self.run_dir / f".{TEACHER_DIR}.partial"
+            partial = self.run.partial_dir(folder.name)
             shutil.rmtree(partial, ignore_errors=True)
             convert_gguf_checkpoint(teacher, self.task.model_class, partial)
             _replace_folder(partial, folder)
@@ -223,28 +211,25 @@ class _Runner:
         self.models["teacher"] = converted
         return converted
 
-    def _finished(self, stage_id: str, fingerprint: str) -> dict | None:
-        record_path = self.run_dir / stage_id / STAGE_RECORD
-        if not record_path.is_file():
-            return None
-        record = read_json(record_path)
-        if record.get("fingerprint") != fingerprint:
+    def _finished(self, stage_id: str, fingerprint: str) -> StageRecord | None:
+        record = self.run.load_stage_record(stage_id)
+        if record is None or record.fingerprint != fingerprint:
             return None
         logger.info("%s: already finished with the same options, skipping", stage_id)
         return record
 
-    def _run_stage(self, stage: Stage, stage_id: str, fingerprint: str, current: ModelReference) -> dict:
+    def _run_stage(self, stage: Stage, stage_id: str, fingerprint: str, current: ModelReference) -> StageRecord:
         accelerator = self.accelerator
-        partial = self.run_dir / f".{stage_id}.partial"
+        partial = self.run.partial_dir(stage_id)
         if accelerator.is_main_process:
             _prepare_partial(partial, fingerprint)
         accelerator.wait_for_everyone()
         logger.info("%s: running", stage_id)
         ctx = StageContext(
-            recipe=self.recipe, stage_id=stage_id, accelerator=accelerator, task=self.task, run_dir=self.run_dir,
+            recipe=self.recipe, stage_id=stage_id, accelerator=accelerator, task=self.task, run_dir=self.run.path,
             out_dir=partial, model=current, models=dict(self.models), load_data=self.load_data,
             load_tokenizer=self.load_tokenizer,
-            rows=list(self.results["rows"]),
+            rows=list(self.results.rows),
         )
         started = time.perf_counter()
         if stage.main_process_only and not accelerator.is_main_process:
@@ -252,29 +237,23 @@ class _Runner:
         else:
             result = stage.run(ctx)
         accelerator.wait_for_everyone()
-        record = {
-            "id": stage_id,
-            "stage": stage.name,
-            "options": stage.options.model_dump(mode="json"),
-            "fingerprint": fingerprint,
-            "produces_model": stage.produces_model,
-            "model_dir": str(Path(stage_id, result.model_subdir or "")) if stage.produces_model else None,
-            "seconds": round(time.perf_counter() - started, 2),
-            "metrics": result.metrics,
-            "rows": result.rows,
-        }
+        record = StageRecord(
+            id=stage_id, stage=stage.name, options=stage.options.model_dump(mode="json"), fingerprint=fingerprint,
+            produces_model=stage.produces_model,
+            model_dir=str(Path(stage_id, result.model_subdir or "")) if stage.produces_model else None,
+            seconds=round(time.perf_counter() - started, 2), metrics=result.metrics, rows=result.rows)
         if accelerator.is_main_process:
-            write_json(partial / METRICS_FILE, {"metrics": result.metrics, "rows": result.rows})
-            write_json(partial / STAGE_RECORD, record)
-            _replace_folder(partial, self.run_dir / stage_id)
+            write_json(partial / METRICS_FILE, record.model_dump(mode="json", include={"metrics", "rows"}))
+            write_json(partial / STAGE_RECORD_FILE, record.model_dump(mode="json"))
+            _replace_folder(partial, self.run.stage_dir(stage_id))
         accelerator.wait_for_everyone()
-        logger.info("%s: done in %.1f s", stage_id, record["seconds"])
+        logger.info("%s: done in %.1f s", stage_id, record.seconds)
         return record
 
 
-def generation_samples(rows: list[dict]) -> list[dict]:
+def generation_samples(rows: list[Row]) -> list[dict]:
     """The first and the last evaluated model's completions of the same prompt, for the model card."""
-    generated = [row["metrics"] for row in rows if "generation" in row["metrics"]]
+    generated = [row.metrics for row in rows if "generation" in row.metrics]
     if not generated:
         return []
     first, last = generated[0], generated[-1]
@@ -283,7 +262,7 @@ def generation_samples(rows: list[dict]) -> list[dict]:
 
 def _prepare_partial(partial: Path, fingerprint: str) -> None:
     """Reuse a partial folder of the same stage (it may hold a training checkpoint to resume), else start clean."""
-    marker = partial / "fingerprint"
+    marker = partial / FINGERPRINT_FILE
     if partial.exists() and (not marker.is_file() or marker.read_text().strip() != fingerprint):
         shutil.rmtree(partial)
     partial.mkdir(parents=True, exist_ok=True)
@@ -291,7 +270,7 @@ def _prepare_partial(partial: Path, fingerprint: str) -> None:
 
 
 def _replace_folder(source: Path, target: Path) -> None:
-    (source / "fingerprint").unlink(missing_ok=True)
+    (source / FINGERPRINT_FILE).unlink(missing_ok=True)
     if target.exists():
         stale = target.with_name(f".{target.name}.stale")
         shutil.rmtree(stale, ignore_errors=True)
@@ -306,17 +285,11 @@ def _hash(data) -> str:
     return hashlib.sha256(json.dumps(data, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-def _task_summary(recipe: Recipe) -> dict:
+def _task_summary(recipe: Recipe) -> TaskSummary:
     task = recipe.task
-    return {
-        "type": task.type,
-        "dataset": task.dataset.describe(),
-        "dataset_id": task.dataset_id,
-        "language": task.language,
-        "metrics": task.metrics,
-        "label_names": task.label_names,
-        "max_length": task.max_length,
-    }
+    return TaskSummary(type=task.type, dataset=task.dataset.describe(), dataset_id=task.dataset_id,
+                       language=task.language, metrics=task.metrics, label_names=task.label_names,
+                       max_length=task.max_length)
 
 
 def environment(accelerator: Accelerator) -> dict:

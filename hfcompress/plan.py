@@ -18,14 +18,17 @@ from dataclasses import dataclass, field, replace
 from typing import NoReturn
 
 from accelerate import init_empty_weights
+
+from .distillation import build_model
 from .errors import HfCompressError, first_line
 from .evaluation import count_parameters
-from .modeling import load_config
 from .modeling_hfcompress import apply_pruning_structure
 from .pruning.adapters import LayerShape, is_supported
-from .pruning.structure import layer_shapes, read_legacy_structure, structure_of
-from .recipe import Recipe, format_key_path
-from .sources import resolve_model_reference
+from .pruning.structure import layer_shapes, structure_of
+from .recipe_schema import Recipe, format_key_path
+from .sources import load_config, load_tokenizer
+from .stages import get_stage_class
+from .stages.prune import training_token_counts
 from .tasks import make_task
 
 FP32_BYTES = 4
@@ -106,9 +109,6 @@ class Planner:
     def token_counts(self) -> Counter | None:
         """The training split's token counts, with which a vocabulary step keeps exactly the tokens the run will
         (read once, on first use); None where they cannot be had (then the count is an upper bound)."""
-        from .modeling import load_tokenizer
-        from .stages.prune import training_token_counts
-
         if self._token_counts is None and self.count_vocabulary and self.task.type == "text-classification":
             try:
                 self.tokenizer = self.tokenizer or load_tokenizer(self.recipe.teacher)
@@ -140,8 +140,6 @@ class Planner:
     def build(self, config, model_class=None, structure: dict | None = None):
         """A model with this config on the meta device: its structure without memory for weights; a pruned
         checkpoint's blocks get the shapes its structure records (by default the one in the config)."""
-        from .distillation import build_model
-
         with init_empty_weights():
             model = build_model(model_class or self.task.model_class, config)
             structure = structure or structure_of(config)
@@ -172,7 +170,7 @@ class Planner:
     def _outside_model(self, name: str, key: tuple) -> ModelShape:
         try:
             config = load_config(name, format_key_path(self.stage_key(key)))
-            return ModelShape(self.build(config, structure=_legacy_structure(name)))
+            return ModelShape(self.build(config))
         except HfCompressError as error:
             self.fail(key, first_line(error).split(": ", 1)[-1])
 
@@ -188,7 +186,7 @@ class Planner:
         key = ("teacher", "name_or_path") if reference.gguf_file or reference.revision else ("teacher",)
         try:
             config = load_config(reference, "teacher", **self._label_kwargs())
-            model = self.build(config, structure=_legacy_structure(reference.name_or_path))
+            model = self.build(config)
         except HfCompressError as error:
             raise self.recipe.problem(key, first_line(error).removeprefix("teacher: ")) from None
         vocabulary = len(self.tokenizer) if self.tokenizer is not None else 0
@@ -206,14 +204,6 @@ class Planner:
                 "label2id": {name: index for index, name in enumerate(names)}}
 
 
-def _legacy_structure(name_or_path: str) -> dict | None:
-    """The pruning record a local checkpoint written before it moved into config.json keeps beside it."""
-    try:
-        return read_legacy_structure(resolve_model_reference(name_or_path, "teacher"))
-    except (HfCompressError, OSError):
-        return None  # a Hub id or a source the config loader already judged
-
-
 def plan_recipe(recipe: Recipe, label_names: list[str] | None = None, tokenizer=None,
                 token_counts: Counter | None = None, count_vocabulary: bool = True) -> list[PlannedStage]:
     """The model's shape after each stage, or a RecipeError naming the first option that cannot work.
@@ -223,8 +213,6 @@ def plan_recipe(recipe: Recipe, label_names: list[str] | None = None, tokenizer=
     training split's token counts (`token_counts` when given; else read once, unless `count_vocabulary` is False)
     and keeps exactly the tokens the run would.
     """
-    from .stages import get_stage_class
-
     planner = Planner(recipe, label_names, tokenizer, token_counts, count_vocabulary)
     shape = planner.teacher_shape()
     planner.models["teacher"] = shape

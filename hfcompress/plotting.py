@@ -11,12 +11,13 @@ from matplotlib.figure import Figure
 LOWER_IS_BETTER = {"perplexity"}
 
 
-def plot_size_vs_quality(rows: list[dict], metric: str, path: Path) -> Path | None:
-    """Write a PNG of size on disk (MB) against `metric` for every row that has both; None when no row has."""
+def plot_size_vs_quality(rows: list, metric: str, path: Path) -> Path | None:
+    """Write a PNG of size on disk (MB) against `metric` for every row (`run_dir.Row`) that has both; None when no
+    row has."""
     points = [
-        (row["label"], row["metrics"]["size_on_disk_bytes"] / 1e6, row["metrics"][metric])
+        (row.variant or row.label, row.metrics["size_on_disk_bytes"] / 1e6, row.metrics[metric])
         for row in rows
-        if row["metrics"].get("size_on_disk_bytes") and row["metrics"].get(metric) is not None
+        if row.metrics.get("size_on_disk_bytes") and row.metrics.get(metric) is not None
     ]
     if not points:
         return None
@@ -26,9 +27,8 @@ def plot_size_vs_quality(rows: list[dict], metric: str, path: Path) -> Path | No
     axes.plot(sizes, values, color="tab:gray", linewidth=1, zorder=1)
     axes.scatter(sizes, values, color="tab:blue", zorder=2)
     for index, (label, size, value) in enumerate(points):
-        short = label.rsplit("/", 1)[-1]  # "08-quantize/bnb-nf4" -> "bnb-nf4"
         offset = (6, 6) if index % 2 == 0 else (6, -12)  # alternate above/below: neighbours often sit close
-        axes.annotate(short, (size, value), textcoords="offset points", xytext=offset, fontsize=9)
+        axes.annotate(label, (size, value), textcoords="offset points", xytext=offset, fontsize=9)
     better = "lower is better" if metric in LOWER_IS_BETTER else "higher is better"
     axes.set_xlabel("size on disk (MB)")
     axes.set_ylabel(f"{metric} ({better})")
@@ -36,11 +36,11 @@ def plot_size_vs_quality(rows: list[dict], metric: str, path: Path) -> Path | No
     axes.grid(alpha=0.3)
     axes.margins(x=0.15, y=0.15)
     figure.tight_layout()
-    _save_atomically(figure, Path(path))
+    save_figure(figure, Path(path))
     return Path(path)
 
 
-def _save_atomically(figure: Figure, path: Path) -> None:
+def save_figure(figure: Figure, path: Path) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     figure.savefig(temporary, format="png")
     temporary.replace(path)

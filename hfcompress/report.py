@@ -2,36 +2,26 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from .errors import HfCompressError
-from .fileio import read_json
+from .run_dir import Row, RunResults
 
 QUALITY_METRICS = ("accuracy", "f1", "perplexity")
 
 
-def load_results(run_dir: str | Path) -> dict:
-    path = Path(run_dir) / "results.json"
-    if not path.is_file():
-        raise HfCompressError(f"{run_dir}: no results.json (is this a run directory written by `hfcompress run`?)")
-    return read_json(path)
-
-
-def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
-    rows = results.get("rows", [])
+def table_rows(results: RunResults) -> tuple[list[str], list[list[str]]]:
+    rows = results.rows
     if not rows:
         return [], []
-    quality = [name for name in QUALITY_METRICS if any(name in row["metrics"] for row in rows)]
-    reference = rows[0]["metrics"]
-    comparison = latest_comparison(results)
+    quality = [name for name in QUALITY_METRICS if any(name in row.metrics for row in rows)]
+    reference = rows[0].metrics
+    comparison = results.latest_comparison()
     speed_header, speed_cells = (_paired_header, _paired_cells) if comparison else (_per_stage_header, _per_stage_cells)
     header = ["model", "params (M)", "size (MB)", "memory (MB)", *quality, *speed_header(results),
               "smaller x", *(f"{name} vs ref" for name in quality[:1])]
     body = []
     for row in rows:
-        m = row["metrics"]
+        m = row.metrics
         cells = [
-            row["label"],
+            row.label,
             _number(m.get("num_parameters"), 1e6, 2),
             _number(m.get("size_on_disk_bytes"), 1e6, 1),
             _number(m.get("memory_footprint_bytes"), 1e6, 1),
@@ -44,40 +34,29 @@ def table_rows(results: dict) -> tuple[list[str], list[list[str]]]:
     return header, body
 
 
-def _per_stage_header(results: dict) -> list[str]:
-    unit = results["rows"][0]["metrics"].get("throughput_unit", "/s")
+def _per_stage_header(results: RunResults) -> list[str]:
+    unit = results.rows[0].metrics.get("throughput_unit", "/s")
     return ["p50 ms", "p95 ms", f"thru ({unit})", "faster x"]
 
 
-def _per_stage_cells(row: dict, reference: dict, comparison) -> list[str]:
-    m = row["metrics"]
+def _per_stage_cells(row: Row, reference: dict, comparison) -> list[str]:
+    m = row.metrics
     return [_number(m.get("latency_ms_p50"), 1, 1), _number(m.get("latency_ms_p95"), 1, 1),
             _number(m.get("throughput_per_s"), 1, 1), _ratio(reference.get("latency_ms_p50"), m.get("latency_ms_p50"))]
 
 
-def _paired_header(results: dict) -> list[str]:
-    unit = latest_comparison(results)["settings"].get("throughput_unit", "/s")
+def _paired_header(results: RunResults) -> list[str]:
+    unit = results.latest_comparison()["settings"].get("throughput_unit", "/s")
     return ["ms (IQR)", "faster x (IQR)", f"thru ({unit})", "thru x"]
 
 
-def _paired_cells(row: dict, reference: dict, comparison: dict) -> list[str]:
-    timed = paired_timing(comparison, row["label"])
+def _paired_cells(row: Row, reference: dict, comparison: dict) -> list[str]:
+    timed = paired_timing(comparison, row.label)
     if timed is None:
         return ["-"] * 4
     return [f"{timed['latency_ms']:.1f} ({timed['latency_ms_q1']:.1f}-{timed['latency_ms_q3']:.1f})",
             f"{timed['speedup']:.2f} ({timed['speedup_q1']:.2f}-{timed['speedup_q3']:.2f})",
             f"{timed['throughput_per_s']:.1f}", f"{timed['throughput_speedup']:.2f}"]
-
-
-def latest_comparison(results: dict) -> dict | None:
-    """The run's newest comparison pass: one `hfcompress compare` added after the run (a rerun drops it), else the
-    one of its last `compare` stage."""
-    if results.get("comparison"):
-        return results["comparison"]
-    for stage in reversed(results.get("stages", [])):
-        if stage.get("stage") == "compare":
-            return stage.get("metrics", {}).get("comparison")
-    return None
 
 
 def paired_timing(comparison: dict | None, label: str) -> dict | None:
@@ -88,17 +67,17 @@ def paired_timing(comparison: dict | None, label: str) -> dict | None:
     return models.get(label) or models.get(comparison.get("aliases", {}).get(label))
 
 
-def format_table(results: dict) -> str:
+def format_table(results: RunResults) -> str:
     header, body = table_rows(results)
     if not header:
-        return f"{results.get('name', 'run')}: no evaluated models yet (add an `evaluate` stage)"
+        return f"{results.name}: no evaluated models yet (add an `evaluate` stage)"
     lines = _aligned(header, body)
-    return "\n".join([f"{results.get('name', 'run')}: {len(body)} evaluated model(s)", *lines, timing_note(results)])
+    return "\n".join([f"{results.name}: {len(body)} evaluated model(s)", *lines, timing_note(results)])
 
 
-def timing_note(results: dict) -> str:
+def timing_note(results: RunResults) -> str:
     """How the speed columns were measured."""
-    comparison = latest_comparison(results)
+    comparison = results.latest_comparison()
     if comparison:
         s = comparison["settings"]
         return (f"ratios are against {s['reference']}; speed: all models timed in one pass, round-robin: {s['rounds']} "
@@ -107,7 +86,7 @@ def timing_note(results: dict) -> str:
                 f"{s['throughput_batch_size']} calls, {s['sequence_length']} tokens per input, on "
                 f"{', '.join(s['devices'])} with {s['threads']} threads; ms = median of block medians, "
                 f"IQR = interquartile range over rounds (of the per-round ratio, for x)")
-    timing = results["rows"][0]["metrics"]
+    timing = results.rows[0].metrics
     return (f"ratios are against the first row; latency: batch 1, throughput: batch "
             f"{timing.get('throughput_batch_size', '?')}, {timing.get('timing_sequence_length', '?')} tokens per "
             f"input, on {timing.get('timing_device', '?')} with {timing.get('timing_threads', '?')} threads; each "
@@ -127,13 +106,13 @@ def _ratio(numerator, denominator, percent: bool = False) -> str:
 # ---------------------------------------------------------------------------------------------- fidelity
 
 
-def fidelity_rows(results: dict) -> tuple[list[str], list[list[str]]]:
+def fidelity_rows(results: RunResults) -> tuple[list[str], list[list[str]]]:
     """Per evaluated model: its calibration, then agreement, KL and flips against the teacher and against the
     previous evaluated model (the one it was made from); per-class F1 with its change against the teacher."""
-    rows = [row for row in results.get("rows", []) if "ece" in row["metrics"]]
+    rows = [row for row in results.rows if "ece" in row.metrics]
     if not rows:
         return [], []
-    causal = any("top1_agreement" in compared for row in rows for compared in row.get("fidelity", {}).values())
+    causal = any("top1_agreement" in compared for row in rows for compared in row.fidelity.values())
     compared_columns = ["top-1 agree", "KL"] if causal else ["agree", "KL", "r→w", "w→r"]
     header = ["model", "ECE", *(f"{name} T" for name in compared_columns),
               *(f"{name} prev" for name in compared_columns)]
@@ -141,12 +120,12 @@ def fidelity_rows(results: dict) -> tuple[list[str], list[list[str]]]:
         header.append("F1 per class (change vs T)")
     body = []
     for row in rows:
-        fidelity = row.get("fidelity", {})
-        cells = [row["label"], _number(row["metrics"]["ece"], 1, 3)]
+        fidelity = row.fidelity
+        cells = [row.label, _number(row.metrics["ece"], 1, 3)]
         for role in ("teacher", "previous"):
             cells += _compared_cells(fidelity.get(role), causal)
         if not causal:
-            cells.append(_per_class_cell(row["metrics"].get("per_class_f1", {}), fidelity.get("teacher")))
+            cells.append(_per_class_cell(row.metrics.get("per_class_f1", {}), fidelity.get("teacher")))
         body.append(cells)
     return header, body
 
@@ -166,15 +145,15 @@ def _per_class_cell(per_class: dict, against_teacher: dict | None) -> str:
                      for name, score in per_class.items())
 
 
-def format_fidelity_table(results: dict) -> str:
+def format_fidelity_table(results: RunResults) -> str:
     """The fidelity table, a note saying what each column is, and a few flipped examples with their text."""
     header, body = fidelity_rows(results)
     if not header:
         return ""
-    rows = [row for row in results["rows"] if "ece" in row["metrics"]]
-    bins = rows[0]["metrics"].get("ece_bins", "?")
-    kl_over = next((c.get("kl_over") for row in rows for c in row.get("fidelity", {}).values() if c.get("kl_over")), None)
-    note = (f"on the {rows[0]['metrics'].get('split', 'test')} split, against T: the teacher (the row labelled "
+    rows = [row for row in results.rows if "ece" in row.metrics]
+    bins = rows[0].metrics.get("ece_bins", "?")
+    kl_over = next((c.get("kl_over") for row in rows for c in row.fidelity.values() if c.get("kl_over")), None)
+    note = (f"on the {rows[0].metrics.get('split', 'test')} split, against T: the teacher (the row labelled "
             f"teacher, else the first) and prev: the model evaluated before this one's stage; agree: same prediction"
             f"{' (top-1 next token)' if kl_over else ''}; KL: mean KL(reference || model) in nats"
             f"{f' over the {kl_over}' if kl_over else ''}; r→w / w→r: test examples the reference got right and this "
@@ -187,22 +166,22 @@ def format_fidelity_table(results: dict) -> str:
     return "\n".join(lines)
 
 
-def _extra_dataset_tables(rows: list[dict]) -> list[str]:
+def _extra_dataset_tables(rows: list[Row]) -> list[str]:
     """Per extra evaluation set: each model's quality, calibration and agreement with the teacher on it."""
-    names = list(dict.fromkeys(name for row in rows for name in row.get("extra_datasets", {})))
+    names = list(dict.fromkeys(name for row in rows for name in row.extra_datasets))
     lines = []
     for name in names:
-        scored = [(row["label"], row["extra_datasets"][name]) for row in rows if name in row.get("extra_datasets", {})]
-        quality = [metric for metric in QUALITY_METRICS if metric in scored[0][1]["metrics"]]
+        scored = [(row.label, row.extra_datasets[name]) for row in rows if name in row.extra_datasets]
+        quality = [metric for metric in QUALITY_METRICS if metric in scored[0][1].metrics]
         causal = "perplexity" in quality
         header = ["model", *quality, "ECE", "top-1 agree T" if causal else "agree T", "KL T"]
         body = []
         for label, entry in scored:
-            m = entry["metrics"]
+            m = entry.metrics
             cells = [label, *(_number(m.get(metric), 1, 2 if metric == "perplexity" else 4) for metric in quality),
                      _number(m.get("ece"), 1, 3)]
-            body.append(cells + _compared_cells(entry.get("fidelity", {}).get("teacher"), causal)[:2])
-        lines += [f"extra evaluation set {name} ({scored[0][1]['metrics'].get('num_examples', '?')} examples):",
+            body.append(cells + _compared_cells(entry.fidelity.get("teacher"), causal)[:2])
+        lines += [f"extra evaluation set {name} ({scored[0][1].metrics.get('num_examples', '?')} examples):",
                   *_aligned(header, body)]
     return lines
 
@@ -216,13 +195,13 @@ def _aligned(header: list[str], body: list[list[str]]) -> list[str]:
     ]
 
 
-def _flip_examples(rows: list[dict], per_model: int = 2) -> list[str]:
+def _flip_examples(rows: list[Row], per_model: int = 2) -> list[str]:
     lines = []
     for row in rows:
-        examples = row.get("fidelity", {}).get("teacher", {}).get("examples", [])
+        examples = row.fidelity.get("teacher", {}).get("examples", [])
         for direction in ("right_to_wrong", "wrong_to_right"):
             for example in [e for e in examples if e["flip"] == direction][:per_model]:
-                lines.append(f"  {row['label']}: {direction.replace('_to_', '→')}: {example['text']!r} "
+                lines.append(f"  {row.label}: {direction.replace('_to_', '→')}: {example['text']!r} "
                              f"(label {example['label']}, teacher {example['reference']}, "
                              f"this model {example['prediction']})")
     return lines

@@ -28,14 +28,27 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from accelerate import PartialState
+from matplotlib.figure import Figure
+
+from .card import write_model_card
+from .comparison import compare_models
 from .errors import HfCompressError
 from .fileio import read_json, write_json, write_text
-from .quantization.options import parse_variant, variant_name
-from .recipe import Recipe, SearchOptions, parse_recipe
+from .modeling import load_model
+from .pipeline import run
+from .plan import plan_recipe
+from .plotting import save_figure
+from .quantization import parse_variant, variant_name
+from .recipe import parse_recipe
+from .recipe_schema import Recipe, SearchOptions
+from .run_dir import RunDir, RunResults
+from .sources import load_config, load_tokenizer
+from .stages.prune import training_token_counts
+from .tasks import make_task
 
 logger = logging.getLogger("hfcompress")
 
-SEARCH_FILE = "search.json"
 PLOT_FILE = "pareto.png"
 WINNER_RECIPE = "recipe.yaml"
 BUDGETS = ("max_size_mb", "min_quality", "max_latency_ms", "min_speedup")
@@ -152,8 +165,6 @@ def shortfall(point: dict, options: SearchOptions) -> float:
 
 class Search:
     def __init__(self, recipe: Recipe, options: SearchOptions, output_dir: Path, is_main_process: bool = True):
-        from .tasks import make_task
-
         self.recipe, self.options, self.out = recipe, options, Path(output_dir)
         self.task = make_task(recipe.task)
         self.is_main = is_main_process
@@ -194,20 +205,15 @@ class Search:
             {"evaluate": {"split": "validation", "measure_speed": False, "label": "teacher (validation)"}},
             {"evaluate": {"split": "test", "measure_speed": False, "label": "teacher"}}]
         results = self.run_recipe("teacher", stages, teacher=self.recipe.to_dict()["teacher"])
-        rows = results["rows"]
+        rows = results.rows
         path = str((self.out / "teacher" / "01-finetune").resolve()) if finetune else self.recipe.teacher.name_or_path
         metric = self.task.selection_metric
-        self.state["teacher"] = {"model": path, "validation": rows[0]["metrics"][metric],
-                                 "test": rows[1]["metrics"][metric], "size_mb": rows[1]["metrics"][
-                                     "size_on_disk_bytes"] / 1e6, "metric": metric}
+        self.state["teacher"] = {"model": path, "validation": rows[0].metrics[metric], "test": rows[1].metrics[metric],
+                                 "size_mb": rows[1].metrics["size_on_disk_bytes"] / 1e6, "metric": metric}
         return self.state["teacher"]
 
     def size_candidates(self, teacher: dict) -> list[str]:
         """Plan every candidate; the names of those within the size budget, largest first."""
-        from .modeling import load_config, load_tokenizer
-        from .plan import plan_recipe
-        from .stages.prune import training_token_counts
-
         tokenizer = load_tokenizer(teacher["model"])
         counts = training_token_counts(self.recipe, tokenizer) if self.task.type == "text-classification" else None
         layers = load_config(teacher["model"]).num_hidden_layers
@@ -251,7 +257,7 @@ class Search:
         """One candidate at one rung (reused when it has already run); False when it could not run or time ran out."""
         entry = self.state["candidates"][name]
         run_dir = self.out / "candidates" / f"rung{rung}" / name
-        if self.over_budget() and not (run_dir / "results.json").is_file():
+        if self.over_budget() and not RunDir(run_dir).has_results():
             entry["status"] = f"not trained at rung {rung}: time budget spent"
             return False
         candidate = self.candidate_of[name]
@@ -263,13 +269,13 @@ class Search:
             logger.warning("search: %s failed: %s", name, entry["status"])
             self.save()
             return False
-        quantized = next(row for row in results["rows"] if "/" in row["label"])
-        metrics = quantized["metrics"]
+        quantized = next(row for row in results.rows if row.variant)
+        metrics = quantized.metrics
         record = {"share_of_training": share, "run_dir": str(run_dir), "size_mb": metrics["size_on_disk_bytes"] / 1e6,
-                  "validation": metrics[self.task.selection_metric], "model_dir": quantized.get("model_dir")}
+                  "validation": metrics[self.task.selection_metric], "model_dir": quantized.model_dir}
         record["quality"] = self.quality(record["validation"], "validation")
         if final:
-            record["test"] = results["rows"][-1]["metrics"][self.task.selection_metric]
+            record["test"] = results.rows[-1].metrics[self.task.selection_metric]
             record["test_quality"] = self.quality(record["test"], "test")
         entry["rungs"][str(rung)] = record
         entry["status"] = f"trained to rung {rung}"
@@ -278,9 +284,6 @@ class Search:
 
     def time_rung(self, rung: int, names: list[str]) -> None:
         """Batch-1 latency of the rung's models and the teacher, timed together (round-robin, one process)."""
-        from .comparison import compare_models
-        from .modeling import load_model
-
         saved = self.out / f"timing-rung{rung}.json"
         if saved.is_file() and set(read_json(saved)["models"]) >= {*names, "teacher"}:
             timed = read_json(saved)
@@ -340,11 +343,11 @@ class Search:
         candidate, chosen = self.candidate_of[name], self.state["chosen"]
         tests = {self.recipe.seed: chosen["test"]}  # the last rung trained with the recipe's seed
         for seed in (seed for seed in self.options.seeds if seed != self.recipe.seed):
-            if self.over_budget() and not (self.out / "seeds" / f"seed{seed}" / "results.json").is_file():
+            if self.over_budget() and not RunDir(self.out / "seeds" / f"seed{seed}").has_results():
                 logger.info("search: seed %d not trained: time budget spent", seed)
                 continue
             results = self.run_recipe(f"seeds/seed{seed}", candidate.stages(self.options, 1.0, seed, final=True))
-            tests[seed] = results["rows"][-1]["metrics"][self.task.selection_metric]
+            tests[seed] = results.rows[-1].metrics[self.task.selection_metric]
         chosen["test_by_seed"] = tests
         chosen["test_mean"] = sum(tests.values()) / len(tests)
         chosen["test_quality_mean"] = self.quality(chosen["test_mean"], "test")
@@ -370,26 +373,23 @@ class Search:
         if not chosen["meets"]:
             raise HfCompressError(
                 f"search: no candidate meets every budget; the closest is {chosen['name']} "
-                f"({describe_point(self.point(chosen))}); see {self.out / SEARCH_FILE}")
+                f"({describe_point(self.point(chosen))}); see {RunDir(self.out).search_file}")
         return self.state
 
     # ---------------------------------------------------------------------------- helpers
 
-    def run_recipe(self, name: str, stages: list, teacher: str | dict | None = None):
+    def run_recipe(self, name: str, stages: list, teacher: str | dict | None = None) -> RunResults:
         """Run (or reuse, when it finished with the same recipe) the run OUTPUT_DIR/name."""
-        from .pipeline import run
-
-        run_dir = self.out / name
+        run_dir = RunDir(self.out / name)
         recipe = self.candidate_recipe(stages, name.replace("/", "-"), teacher)
-        finished = run_dir / "results.json"
-        if finished.is_file() and (run_dir / "recipe.yaml").is_file() \
-                and (run_dir / "recipe.yaml").read_text(encoding="utf-8") == recipe.to_yaml():
-            results = read_json(finished)
-            if len(results.get("stages", [])) == len(recipe.stages):
+        if run_dir.has_results() and run_dir.recipe_file.is_file() \
+                and run_dir.recipe_file.read_text(encoding="utf-8") == recipe.to_yaml():
+            results = run_dir.load_results()
+            if len(results.stages) == len(recipe.stages):
                 logger.info("search: %s already ran, reused", name)
                 return results
         logger.info("search: running %s", name)
-        return run(recipe, output_dir=run_dir)
+        return run(recipe, output_dir=run_dir.path)
 
     def candidate_recipe(self, stages: list, name: str, teacher: str | dict | None = None) -> Recipe:
         """The recipe's task, seed and settings with these stages, from the fine-tuned teacher by default."""
@@ -412,12 +412,10 @@ class Search:
         return [first.as_yaml_item()] if first.name == "finetune" else []
 
     def write_card(self, chosen: dict) -> None:
-        """The chosen run's card, with a section on what the search tried."""
-        from .card import write_model_card
-
-        run_dir = Path(chosen["run_dir"])
-        write_json(run_dir / SEARCH_FILE, self.state)
-        write_model_card(run_dir, self.out / "model_cards")
+        """The chosen run's card, with a section on what the search tried (its search.json)."""
+        run_dir = RunDir(chosen["run_dir"])
+        write_json(run_dir.search_file, self.state)
+        write_model_card(run_dir.path, self.out / "model_cards")
 
     def quality(self, value: float, split: str) -> float:
         reference = self.state["teacher"][split]
@@ -448,14 +446,12 @@ class Search:
     def save(self) -> None:
         if self.is_main:
             self.out.mkdir(parents=True, exist_ok=True)
-            write_json(self.out / SEARCH_FILE, self.state)
+            write_json(RunDir(self.out).search_file, self.state)
 
 
 def search(recipe: Recipe, output_dir: str | Path | None = None, **constraints) -> dict:
     """Run the search the recipe's `search:` block describes, `constraints` (max_size_mb, min_quality, ...)
     overriding it; returns the search state (also in OUTPUT_DIR/search.json)."""
-    from accelerate import PartialState
-
     given = recipe.search.model_dump(exclude_unset=True) if recipe.search else {}
     options = SearchOptions.model_validate({**given, **{k: v for k, v in constraints.items() if v is not None}})
     if all(getattr(options, key) is None for key in BUDGETS):
@@ -507,10 +503,6 @@ def format_search(state: dict) -> str:
 def plot_front(points: list[dict], state: dict, path: Path, extra: dict | None = None) -> Path | None:
     """Size against quality for every trained candidate, the front joined, the budgets drawn; `extra` adds
     labelled reference points (e.g. the hand-written recipe's result)."""
-    from matplotlib.figure import Figure
-
-    from .plotting import _save_atomically
-
     if not points:
         return None
     figure = Figure(figsize=(7.2, 4.6), dpi=100)
@@ -538,9 +530,9 @@ def plot_front(points: list[dict], state: dict, path: Path, extra: dict | None =
     axes.grid(alpha=0.3)
     axes.legend(fontsize=8)
     figure.tight_layout()
-    _save_atomically(figure, Path(path))
+    save_figure(figure, Path(path))
     return Path(path)
 
 
 def load_search(path: str | Path) -> dict:
-    return read_json(Path(path) / SEARCH_FILE)
+    return read_json(RunDir(path).search_file)

@@ -9,7 +9,10 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
-from .errors import HfCompressError
+from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
+
+from .errors import HfCompressError, first_line
+from .recipe_schema import ModelReference
 
 PACKAGE_SCHEME = "pkg://"
 
@@ -68,3 +71,39 @@ def resolve_data_files(data_files, key: str = "task.dataset.data_files"):
     if not path.exists():
         raise HfCompressError(f"{key}: data file {data_files!r} does not exist")
     return str(path)
+
+
+def model_class_for(path: str | Path, **hub_kwargs):
+    """The Auto class matching a checkpoint's architecture (classifier, causal LM or bare model)."""
+    architectures = AutoConfig.from_pretrained(str(path), **hub_kwargs).architectures or []
+    if any(name.endswith("ForSequenceClassification") for name in architectures):
+        return AutoModelForSequenceClassification
+    if any(name.endswith(("ForCausalLM", "LMHeadModel")) for name in architectures):
+        return AutoModelForCausalLM
+    return AutoModel
+
+
+def load_config(reference: ModelReference | str, key: str = "teacher", **kwargs):
+    """A model's config only (cheap: no weights; a GGUF file's is read from its metadata, which takes seconds)."""
+    return load_reference(reference, key, "the config of", AutoConfig.from_pretrained, **kwargs)
+
+
+def load_tokenizer(reference: ModelReference | str, key: str = "teacher"):
+    tokenizer = load_reference(reference, key, "tokenizer", AutoTokenizer.from_pretrained)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_reference(reference: ModelReference | str, key: str, what: str, loader, **kwargs):
+    """`loader(location, **kwargs)` for a reference's resolved location, revision and GGUF file; one-line errors."""
+    reference = ModelReference.model_validate(reference)
+    location = resolve_model_reference(reference.name_or_path, key)
+    if reference.revision:
+        kwargs["revision"] = reference.revision
+    if reference.gguf_file:
+        kwargs["gguf_file"] = reference.gguf_file
+    try:
+        return loader(location, **kwargs)
+    except (OSError, ValueError) as error:
+        raise HfCompressError(f"{key}: cannot load {what} {reference.name_or_path!r}: {first_line(error)}") from None

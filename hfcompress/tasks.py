@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 from .data import TaskData, batch_to_model_inputs
 from .evaluation import model_device
 from .metrics import load_metric
-from .recipe import TaskOptions
+from .recipe_schema import TaskOptions
 
 
 class Task:

@@ -90,9 +90,9 @@ def planned_size(model_dir: Path, variant) -> int:
     head kept in full precision as the quantize stage keeps it)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from hfcompress.quantization import get_backend
+    from hfcompress.quantization import backend_for
 
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(model_dir))
     model.tie_weights()
-    return get_backend(variant.backend).estimated_size(model, variant, ["lm_head"])
+    return backend_for(variant).estimated_size(model)

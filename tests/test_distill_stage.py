@@ -34,7 +34,7 @@ def test_cached_teacher_trains_exactly_like_the_live_teacher_and_is_reused(tmp_p
                                  stages=[FINETUNE, distill(cache_teacher_outputs=False)])
     results = run(parse_recipe(cached))
     run(parse_recipe(live))
-    assert results["stages"][1]["metrics"]["student_layers"] == 2
+    assert results.stages[1].metrics["student_layers"] == 2
     a = load_file(tmp_path / "cached" / "02-distill" / "model.safetensors")
     b = load_file(tmp_path / "live" / "02-distill" / "model.safetensors")
     for name in a:
@@ -55,7 +55,7 @@ def test_pruned_model_heals_from_an_earlier_teacher(tmp_path, bert4_dir, reviews
                      "cache_teacher_outputs": False}},
     ])
     results = run(parse_recipe(recipe))
-    metrics = results["stages"][2]["metrics"]
+    metrics = results.stages[2].metrics
     assert metrics["teacher"] == "01-finetune" and metrics["student_layers"] == 2
     assert metrics["layer_map"] == {"0": 1, "1": 3} or metrics["layer_map"] == {0: 1, 1: 3}
 

@@ -122,46 +122,46 @@ def test_evaluate_saves_outputs_and_compares_each_model_with_the_teacher_and_the
         {"quantize": {"variants": [{"backend": "half", "dtype": "bfloat16"}], "evaluate": quick}},
     ])
     results = run(parse_recipe(recipe))
-    teacher, finetuned, half = results["rows"]
-    assert teacher["fidelity"] == {} and teacher["predictions_file"] == "01-evaluate/predictions.safetensors"
-    assert half["predictions_file"] == "04-quantize/predictions-bf16.safetensors"
-    saved = {row["label"]: load_predictions(tmp_path / "run" / row["predictions_file"]) for row in results["rows"]}
-    n = teacher["metrics"]["num_examples"]
+    teacher, finetuned, half = results.rows
+    assert teacher.fidelity == {} and teacher.predictions_file == "01-evaluate/predictions.safetensors"
+    assert half.predictions_file == "04-quantize/predictions-bf16.safetensors"
+    saved = {row.label: load_predictions(tmp_path / "run" / row.predictions_file) for row in results.rows}
+    n = teacher.metrics["num_examples"]
     assert saved["teacher"]["log_probs"].shape == (n, 2)
     np.testing.assert_array_equal(saved["teacher"]["labels"], saved["02-finetune"]["labels"])
 
-    against_teacher = finetuned["fidelity"]["teacher"]
+    against_teacher = finetuned.fidelity["teacher"]
     predicted = {label: outputs["log_probs"].argmax(-1) for label, outputs in saved.items()}
     assert against_teacher["agreement"] == pytest.approx(np.mean(predicted["teacher"] == predicted["02-finetune"]))
-    assert finetuned["fidelity"]["previous"]["label"] == "teacher"
+    assert finetuned.fidelity["previous"]["label"] == "teacher"
     assert 0.0 < against_teacher["agreement"] < 1.0 and against_teacher["kl"] > 0
     assert against_teacher["right_to_wrong"] + against_teacher["wrong_to_right"] > 0
     flips = against_teacher["wrong_to_right"] - against_teacher["right_to_wrong"]
-    assert flips == round((finetuned["metrics"]["accuracy"] - teacher["metrics"]["accuracy"]) * n)
-    assert 0.0 <= finetuned["metrics"]["ece"] <= 1.0 and finetuned["metrics"]["ece_bins"] == 15
-    assert set(finetuned["metrics"]["per_class_f1"]) == {"rotten", "fresh"}
+    assert flips == round((finetuned.metrics["accuracy"] - teacher.metrics["accuracy"]) * n)
+    assert 0.0 <= finetuned.metrics["ece"] <= 1.0 and finetuned.metrics["ece_bins"] == 15
+    assert set(finetuned.metrics["per_class_f1"]) == {"rotten", "fresh"}
 
     # the bf16 variant was made from the fine-tuned model: its "previous" is that row, not the teacher
-    assert half["fidelity"]["previous"]["label"] == "02-finetune"
-    assert half["fidelity"]["teacher"]["label"] == "teacher"
-    assert half["fidelity"]["previous"]["agreement"] > 0.9 and half["fidelity"]["previous"]["kl"] < 0.01
+    assert half.fidelity["previous"]["label"] == "02-finetune"
+    assert half.fidelity["teacher"]["label"] == "teacher"
+    assert half.fidelity["previous"]["agreement"] > 0.9 and half.fidelity["previous"]["kl"] < 0.01
 
     # the extra set: the empty text and the "plot" row are dropped; scored and compared like the test split
-    extra = {row["label"]: row["extra_datasets"]["other"] for row in results["rows"]}
-    assert extra["teacher"]["metrics"]["num_examples"] == 4 and extra["teacher"]["fidelity"] == {}
-    extra_outputs = {label: load_predictions(tmp_path / "run" / entry["predictions_file"]) for label, entry in extra.items()}
+    extra = {row.label: row.extra_datasets["other"] for row in results.rows}
+    assert extra["teacher"].metrics["num_examples"] == 4 and extra["teacher"].fidelity == {}
+    extra_outputs = {label: load_predictions(tmp_path / "run" / entry.predictions_file) for label, entry in extra.items()}
     np.testing.assert_array_equal(extra_outputs["teacher"]["labels"], [1, 0, 1, 0])  # fresh=1, rotten=0
     for label, entry in extra.items():
         right = extra_outputs[label]["log_probs"].argmax(-1) == extra_outputs[label]["labels"]
-        assert entry["metrics"]["accuracy"] == pytest.approx(right.mean())
-    assert extra["02-finetune"]["fidelity"]["teacher"]["agreement"] == pytest.approx(np.mean(
+        assert entry.metrics["accuracy"] == pytest.approx(right.mean())
+    assert extra["02-finetune"].fidelity["teacher"]["agreement"] == pytest.approx(np.mean(
         extra_outputs["teacher"]["log_probs"].argmax(-1) == extra_outputs["02-finetune"]["log_probs"].argmax(-1)))
 
     table = format_fidelity_table(results)
     assert "extra evaluation set other (4 examples):" in table
     assert "agree T" in table and "15 equal-width bins" in table
     finetuned_line = table.splitlines()[4].split()
-    assert finetuned_line[:4] == ["02-finetune", f"{finetuned['metrics']['ece']:.3f}",
+    assert finetuned_line[:4] == ["02-finetune", f"{finetuned.metrics['ece']:.3f}",
                                   f"{100 * against_teacher['agreement']:.1f}%", f"{against_teacher['kl']:.4f}"]
     printed = subprocess.run([sys.executable, "-m", "hfcompress", "report", str(tmp_path / "run")],
                              capture_output=True, text=True)
@@ -184,12 +184,12 @@ def test_causal_lm_rows_compare_top_1_tokens_and_kl(tmp_path, tokenizer):
                    {"quantize": {"variants": [{"backend": "half", "dtype": "bfloat16"}], "evaluate": quick}}],
     })
     results = run(recipe)
-    teacher, again, half = results["rows"]
-    outputs = load_predictions(tmp_path / "run" / teacher["predictions_file"])
+    teacher, again, half = results.rows
+    outputs = load_predictions(tmp_path / "run" / teacher.predictions_file)
     assert outputs["top_k_indices"].shape == (6, 31, 64) and outputs["top_k_log_probs"].dtype == np.float16
-    same = again["fidelity"]["teacher"]
+    same = again.fidelity["teacher"]
     assert same["top1_agreement"] == 1.0 and same["kl"] == pytest.approx(0.0, abs=1e-3)
-    changed = half["fidelity"]["teacher"]
+    changed = half.fidelity["teacher"]
     assert 0.5 < changed["top1_agreement"] <= 1.0 and changed["kl"] > 0
-    assert 0.0 <= half["metrics"]["ece"] <= 1.0
+    assert 0.0 <= half.metrics["ece"] <= 1.0
     assert "top-1 agree T" in format_fidelity_table(results)

@@ -271,12 +271,12 @@ def test_onnx_variants_in_the_quantize_stage_are_evaluated_carded_and_a_failing_
         {"card": {}}])
     results = run(parse_recipe(recipe))
 
-    metrics = results["stages"][0]["metrics"]
+    metrics = results.stages[0].metrics
     assert list(metrics["failed_variants"]) == ["onnx-int4"]
     reason = metrics["failed_variants"]["onnx-int4"]
     assert "\n" not in reason and "onnxruntime int4 quantization failed: MatMulNBits: unsupported" in reason
     assert str(teacher) in reason
-    rows = {row["label"]: row["metrics"] for row in results["rows"]}
+    rows = {row.label: row.metrics for row in results.rows}
     assert list(rows) == ["01-quantize/onnx-fp32", "01-quantize/onnx-int8-static"]
     torch_model = AutoModelForSequenceClassification.from_pretrained(teacher)
     for row in rows.values():
@@ -287,7 +287,7 @@ def test_onnx_variants_in_the_quantize_stage_are_evaluated_carded_and_a_failing_
     assert int8["size_on_disk_bytes"] < 0.5 * fp32["size_on_disk_bytes"]
     assert metrics["carried_forward"] == "onnx-int8-static"
 
-    final = tmp_path / "run" / results["final_model_dir"]
+    final = tmp_path / "run" / results.final_model_dir
     loaded = hfcompress.from_pretrained(final)
     assert isinstance(loaded, ORTModelForSequenceClassification) and loaded.config.id2label[0] == "rotten"
     card = (final / "README.md").read_text()
@@ -304,7 +304,7 @@ def test_onnx_usage_snippet_for_a_causal_lm_runs_with_onnxruntime_alone(export_f
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    from hfcompress.card import onnx_usage
+    from hfcompress.quantization import backend_for
 
     shutil.copytree(export_family("gpt2").folders["none"], tmp_path, dirs_exist_ok=True)
     words = [f"w{index}" for index in range(VOCAB - 4)] + ["Once", "upon", "a", "time"]
@@ -312,7 +312,7 @@ def test_onnx_usage_snippet_for_a_causal_lm_runs_with_onnxruntime_alone(export_f
     word_level.pre_tokenizer = pre_tokenizers.Whitespace()
     tokenizer = PreTrainedTokenizerFast(tokenizer_object=word_level)
     tokenizer.save_pretrained(tmp_path)
-    code = re.search(r"```python\n(.*?)```", onnx_usage("someone/tiny", "causal-lm"), re.S).group(1)
+    code = "\n".join(backend_for({"backend": "onnx"}).usage_code("someone/tiny", "causal-lm", {}))
     monkeypatch.setattr("huggingface_hub.snapshot_download", lambda repo_id: str(tmp_path))
     printed = []
     exec(code, {"print": printed.append})  # noqa: S102
@@ -331,7 +331,8 @@ def test_cli_exports_a_checkpoint_or_a_runs_final_one_and_refuses_quantized_ones
     run_dir = tmp_path / "run"
     run_dir.mkdir()
     shutil.copytree(source, run_dir / "03-distill")
-    write_json(run_dir / "results.json", {"final_model_dir": "03-distill"})
+    write_json(run_dir / "results.json", {"name": "run", "teacher": "t", "final_model_dir": "03-distill",
+                                          "task": {"type": "text-classification", "dataset": "csv"}})
     assert main(["export", str(run_dir), "--format", "onnx", "--quantize", "int8", "--output-dir", str(tmp_path / "out")]) == 0
     exported = hfcompress.from_pretrained(tmp_path / "out")
     batch = padded_batch(4, 10, True, seed=11)

@@ -76,7 +76,7 @@ def test_rerun_skips_finished_stages_and_a_changed_stage_reruns_from_there(tmp_p
 
     second = run(parse_recipe(recipe))
     assert stage_mtimes(run_dir) == times
-    assert second["rows"] == first["rows"]
+    assert second.rows == first.rows
 
     recipe["stages"][1]["evaluate"]["timing_iterations"] = 4
     run(parse_recipe(recipe))
@@ -137,7 +137,7 @@ def test_card_stage_and_push_dry_run(tmp_path, tiny_bert_dir, reviews_csv):
     recipe["stages"].append({"card": {"model_cards_dir": str(cards), "repo_id": "me/tiny"}})
     results = run(parse_recipe(recipe))
     card = ModelCard.load(run_dir / "01-finetune" / "README.md")
-    final = results["rows"][-1]["metrics"]
+    final = results.rows[-1].metrics
     assert {r.metric_type: r.metric_value for r in card.data.eval_results} == pytest.approx(
         {"accuracy": final["accuracy"], "f1": final["f1"]})
     assert (cards / "tiny" / "README.md").read_text() == (run_dir / "01-finetune" / "README.md").read_text()

@@ -211,13 +211,13 @@ def quickstart_like_run(tmp_path_factory, bert4_dir, reviews_csv):
 
 def test_planned_parameter_counts_equal_the_recorded_ones(quickstart_like_run):
     planned, results, _ = quickstart_like_run
-    rows = {row["label"]: row["metrics"] for row in results["rows"]}
-    for row in results["rows"]:
-        if not row["label"].startswith("10-quantize/"):
-            assert row["metrics"]["num_parameters"] == planned[row["stage_id"]].num_parameters, row["label"]
-    stages = {stage["id"]: stage for stage in results["stages"]}
+    rows = {row.label: row.metrics for row in results.rows}
+    for row in results.rows:
+        if not row.label.startswith("10-quantize/"):
+            assert row.metrics["num_parameters"] == planned[row.stage_id].num_parameters, row.label
+    stages = {stage.id: stage for stage in results.stages}
     for prune_id in ("05-prune", "08-prune"):
-        assert stages[prune_id]["metrics"]["parameters_after"] == planned[prune_id].num_parameters
+        assert stages[prune_id].metrics["parameters_after"] == planned[prune_id].num_parameters
     assert planned["03-distill"].num_parameters < planned["01-finetune"].num_parameters
     assert planned["05-prune"].num_parameters < planned["03-distill"].num_parameters
     for label, metrics in rows.items():
@@ -228,19 +228,18 @@ def test_planned_parameter_counts_equal_the_recorded_ones(quickstart_like_run):
 
 def test_random_selection_is_planned_block_for_block(quickstart_like_run):
     planned, results, _ = quickstart_like_run
-    recorded = next(stage for stage in results["stages"] if stage["id"] == "08-prune")["metrics"]["layer_shapes"]
+    recorded = next(stage for stage in results.stages if stage.id == "08-prune").metrics["layer_shapes"]
     assert [shape.__dict__ for shape in planned["08-prune"].layers] == recorded
 
 
 def test_quantized_size_estimates_are_close_to_the_files(quickstart_like_run):
     planned, results, run_dir = quickstart_like_run
     estimates = planned["10-quantize"].variant_sizes
-    measured = {row["label"].split("/", 1)[1]: row["metrics"]["size_on_disk_bytes"]
-                for row in results["rows"] if row["label"].startswith("10-quantize/")}
+    measured = {row.variant: row.metrics["size_on_disk_bytes"] for row in results.rows if row.variant}
     assert set(measured) == set(estimates)
     for name, size in measured.items():
         assert estimates[name] == pytest.approx(size, rel=0.02), name  # the files add a JSON header per tensor
-    fp32 = next(r for r in results["rows"] if r["stage_id"] == "09-evaluate")["metrics"]["size_on_disk_bytes"]
+    fp32 = next(r for r in results.rows if r.stage_id == "09-evaluate").metrics["size_on_disk_bytes"]
     assert planned["09-evaluate"].fp32_bytes == pytest.approx(fp32, rel=0.01)
 
 
@@ -254,13 +253,13 @@ def test_a_pruned_checkpoint_is_planned_with_its_own_block_shapes(quickstart_lik
                                       classification_recipe(pruned, reviews_csv, tmp_path / "run", stages)))
     steps = plan_recipe(recipe)
     assert steps[0].shape.num_parameters == planned["06-distill"].num_parameters
-    recorded = next(stage for stage in results["stages"] if stage["id"] == "05-prune")["metrics"]["layer_shapes"]
+    recorded = next(stage for stage in results.stages if stage.id == "05-prune").metrics["layer_shapes"]
     assert [shape.__dict__ for shape in steps[0].shape.layers] == recorded  # importance chose these per block
     assert steps[-1].shape.num_parameters == planned["06-distill"].num_parameters  # the student is the current model
 
 
 def test_with_the_training_token_counts_a_vocabulary_step_is_planned_exactly(tmp_path, bert4_dir, reviews_csv):
-    from hfcompress.modeling import load_tokenizer
+    from hfcompress.sources import load_tokenizer
     from hfcompress.stages.prune import training_token_counts
 
     stages = [{"prune": {"vocabulary": {"min_frequency": 2}}},
@@ -273,11 +272,11 @@ def test_with_the_training_token_counts_a_vocabulary_step_is_planned_exactly(tmp
     assert exact.num_parameters == plan_recipe(
         recipe, tokenizer=tokenizer, token_counts=training_token_counts(recipe, tokenizer))[1].shape.num_parameters
     results = run(recipe)
-    after = results["stages"][0]["metrics"]
+    after = results.stages[0].metrics
     assert not upper_bound.exact and upper_bound.config.vocab_size == 30522
     assert exact.exact and exact.config.vocab_size == after["vocabulary"]["tokens_kept"] < 30522 // 5
     assert exact.num_parameters == after["parameters_after"]
-    quantized = results["rows"][-1]["metrics"]["size_on_disk_bytes"]
+    quantized = results.rows[-1].metrics["size_on_disk_bytes"]
     assert plan_recipe(recipe, tokenizer=tokenizer, token_counts=training_token_counts(recipe, tokenizer))[
         2].shape.variant_sizes["bf16"] == pytest.approx(quantized, rel=0.03)  # + the safetensors header
 

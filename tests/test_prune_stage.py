@@ -25,7 +25,7 @@ def test_prune_then_recover_keeps_the_structure(tmp_path, bert4_dir, reviews_csv
     recipe = classification_recipe(bert4_dir, reviews_csv, tmp_path / "run", stages=[
         {"prune": PRUNE}, {"finetune": {"max_steps": 2, "eval_strategy": "no"}}])
     results = run(parse_recipe(recipe))
-    metrics = results["stages"][0]["metrics"]
+    metrics = results.stages[0].metrics
     assert metrics["removed"]["layers"] == [metrics["removed"]["layers"][0]]
     assert sum(metrics["removed"]["heads"].values()) == 2  # a quarter of the 8 heads left after dropping a layer
     assert sum(metrics["removed"]["ffn"].values()) == 32  # a quarter of 2 x 64 neurons
@@ -45,7 +45,7 @@ def test_random_selection_spends_the_same_budget_differently(tmp_path, bert4_dir
     for selection in ("importance", "random"):
         recipe = classification_recipe(bert4_dir, reviews_csv, tmp_path / selection, stages=[
             {"prune": {"ffn": {"sparsity": 0.5}, "selection": selection, "calibration_samples": 32}}])
-        metrics = run(parse_recipe(recipe))["stages"][0]["metrics"]
+        metrics = run(parse_recipe(recipe)).stages[0].metrics
         chosen[selection] = metrics
     assert chosen["importance"]["parameters_after"] == chosen["random"]["parameters_after"]
     importance = from_pretrained(tmp_path / "importance" / "01-prune")

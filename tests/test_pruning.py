@@ -35,7 +35,6 @@ from transformers import (
 import hfcompress
 from hfcompress.errors import HfCompressError
 from hfcompress.pruning import (
-    LEGACY_STRUCTURE_FILE,
     STRUCTURE_KEY,
     ffn_importance,
     head_importance,
@@ -402,25 +401,6 @@ def test_per_layer_shapes_survive_plain_save_pretrained_and_reload(arch, tmp_pat
         assert_same_outputs(reloaded, model, batch)
 
 
-def test_checkpoints_with_the_older_structure_file_still_load(tmp_path):
-    arch = BY_NAME["bert"]
-    model, batch = build(arch), make_batch(arch)
-    prune_heads(model, HEADS_TO_REMOVE)
-    model.save_pretrained(tmp_path)
-    config = json.loads((tmp_path / "config.json").read_text())  # rewrite it the way older versions saved it
-    (tmp_path / LEGACY_STRUCTURE_FILE).write_text(json.dumps(config.pop(STRUCTURE_KEY)))
-    del config["auto_map"]
-    (tmp_path / "config.json").write_text(json.dumps(config))
-
-    reloaded = hfcompress.from_pretrained(tmp_path)
-
-    assert_same_outputs(reloaded, model, batch)
-    save_pruned(reloaded, tmp_path / "again")  # saved again: the record moves into config.json
-    assert not (tmp_path / "again" / LEGACY_STRUCTURE_FILE).exists()
-    saved = json.loads((tmp_path / "again" / "config.json").read_text())[STRUCTURE_KEY]["attention_heads"]
-    assert saved == [shape.heads for shape in layer_shapes(model)] and len(set(saved)) > 1
-
-
 def test_the_package_loader_reads_pruned_checkpoints(tmp_path):
     model, batch = build(BY_NAME["bert"]), make_batch(BY_NAME["bert"])
     prune_heads(model, {1: [0]})
@@ -492,13 +472,6 @@ def test_unpruning_shapes_make_the_model_plain_again(tmp_path):
     assert type(model).__name__ == "CompressedLlamaForCausalLM" and needs_structure_record(model)
     prune_heads(model, {1: [0, 1], 2: [0, 1]})  # now every layer keeps the same group: the config expresses it
     assert type(model) is LlamaForCausalLM and not hasattr(model.config, STRUCTURE_KEY)
-
-
-def test_saving_an_expressible_model_removes_a_stale_record(tmp_path):
-    model = build(BY_NAME["bert"])
-    (tmp_path / LEGACY_STRUCTURE_FILE).write_text("{}")
-    save_pruned(model, tmp_path)
-    assert not (tmp_path / LEGACY_STRUCTURE_FILE).exists()
 
 
 # ---- importance --------------------------------------------------------------------------------------------------

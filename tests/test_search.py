@@ -8,12 +8,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-import hfcompress.pipeline
+import hfcompress.search
 from conftest import classification_recipe, save_tiny_bert
 from hfcompress.errors import HfCompressError
 from hfcompress.plan import plan_recipe
-from hfcompress.recipe import SearchOptions, parse_recipe
-from hfcompress.search import SEARCH_FILE, WINNER_RECIPE, load_search, pareto_front, search, shortfall
+from hfcompress.recipe import parse_recipe
+from hfcompress.recipe_schema import SearchOptions
+from hfcompress.run_dir import RunDir
+from hfcompress.search import WINNER_RECIPE, load_search, pareto_front, search, shortfall
 
 SPACE = {"num_layers": [1, 2], "heads_sparsity": [0.0, 0.5], "ffn_sparsity": [0.0], "vocabulary": [None, 1],
          "quantization": [{"backend": "half", "dtype": "bfloat16"}]}
@@ -129,7 +131,7 @@ def test_the_winning_recipe_is_written_out_and_plans_to_the_chosen_size(searched
 def test_the_chosen_runs_card_says_what_was_tried(searched):
     _, _, state = searched
     run_dir = Path(state["chosen"]["run_dir"])
-    final = hfcompress.report.load_results(run_dir)["final_model_dir"]
+    final = RunDir(run_dir).load_results().final_model_dir
     card = (run_dir / final / "README.md").read_text()
     assert "## How this model was chosen" in card
     assert state["chosen"]["name"] in card and "over the size budget" in card
@@ -152,8 +154,8 @@ def test_an_interrupted_search_trains_only_what_is_missing(searched, monkeypatch
     missing = out / "candidates" / "rung0" / state["rungs"][0]["candidates"][-1] / "results.json"
     missing.unlink()  # as if the search was killed while this run was training
     calls = []
-    real_run = hfcompress.pipeline.run
-    monkeypatch.setattr(hfcompress.pipeline, "run", lambda recipe, output_dir: calls.append(output_dir)
+    real_run = hfcompress.search.run
+    monkeypatch.setattr(hfcompress.search, "run", lambda recipe, output_dir: calls.append(output_dir)
                         or real_run(recipe, output_dir=output_dir))
     search(recipe)
     assert [Path(path).name for path in calls] == [missing.parent.name]
@@ -168,7 +170,7 @@ def test_an_impossible_size_budget_names_the_closest_candidate(tmp_path, teacher
     smallest = min(load_search(tmp_path)["candidates"].items(), key=lambda item: item[1]["planned_size_mb"])[0]
     assert smallest in message
     assert not (tmp_path / "candidates").exists()
-    assert (tmp_path / SEARCH_FILE).is_file()
+    assert RunDir(tmp_path).search_file.is_file()
 
 
 def test_a_search_without_a_budget_is_refused(tmp_path, teacher_dir, reviews_csv):

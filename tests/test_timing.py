@@ -13,7 +13,7 @@ from transformers import BertConfig, BertForSequenceClassification
 from hfcompress import run
 from hfcompress.comparison import compare_models
 from hfcompress.recipe import parse_recipe
-from hfcompress.report import format_table, latest_comparison
+from hfcompress.report import format_table
 from hfcompress.tasks import TextClassificationTask
 from hfcompress.timing import Timing, _rotated, cpu_description, speedups, time_round_robin
 
@@ -94,7 +94,7 @@ def test_compare_stage_and_command_fill_the_speed_columns(tmp_path, tiny_bert_di
     ]
     run_dir = tmp_path / "run"
     results = run(parse_recipe(classification_recipe(tiny_bert_dir, reviews_csv, run_dir, stages=stages)))
-    comparison = latest_comparison(results)
+    comparison = results.latest_comparison()
     assert set(comparison["models"]) == {"teacher", "student"} and comparison["failed"] == {}
     assert comparison["settings"]["rounds"] == 3 and comparison["settings"]["sequence_length"] == 32
     table = format_table(results)

@@ -83,7 +83,7 @@ def test_resume_mid_stage_gives_the_same_weights_as_a_straight_run(
     resumed = run(recipe_for(resumed_dir))
     assert len(calls) == 2, "the resumed run trains only steps 7 and 8"
     assert not partial.exists()
-    assert [entry["step"] for entry in resumed["stages"][0]["metrics"]["validation_history"]] == [4, 8]
+    assert [entry["step"] for entry in resumed.stages[0].metrics["validation_history"]] == [4, 8]
 
     a = load_file(straight_dir / stage_id / "model.safetensors")
     b = load_file(resumed_dir / stage_id / "model.safetensors")

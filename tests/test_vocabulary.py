@@ -282,7 +282,7 @@ def test_stage_prunes_from_the_training_split_and_later_stages_use_the_new_ids(t
     assert test_only and not kept & test_only  # the test split never chose a token
     assert kept == train_ids | set(tokenizer.all_special_ids)
 
-    metrics = results["stages"][0]["metrics"]
+    metrics = results.stages[0].metrics
     vocabulary = metrics["vocabulary"]
     assert vocabulary["tokens_kept"] == len(kept) and vocabulary["tokens_before"] == tokenizer.vocab_size
     assert vocabulary["train_sequences_unchanged"] == vocabulary["train_sequences"]
@@ -301,7 +301,7 @@ def test_stage_prunes_from_the_training_split_and_later_stages_use_the_new_ids(t
     pruned_data = load_task_data(recipe.task, pruned_tokenizer, recipe.seed)
     from hfcompress.tasks import make_task
     expected = make_task(recipe.task).evaluate(model.eval(), pruned_data.dataloader("test", 64))
-    assert results["stages"][1]["metrics"]["accuracy"] == pytest.approx(expected["accuracy"])
+    assert results.stages[1].metrics["accuracy"] == pytest.approx(expected["accuracy"])
 
     # Recovery from the full-vocabulary teacher kept the pruned vocabulary; so did quantization.
     for folder in (tmp_path / "run" / "03-distill", tmp_path / "run" / "04-quantize" / "bf16"):
@@ -336,10 +336,10 @@ def test_stage_on_a_causal_lm_heals_from_the_full_vocabulary_teacher(tmp_path, t
                    {"evaluate": {"measure_speed": False}}],
     })
     results = run(recipe)
-    vocabulary = results["stages"][0]["metrics"]["vocabulary"]
+    vocabulary = results.stages[0].metrics["vocabulary"]
     assert vocabulary["train_sequences_unchanged"] == vocabulary["train_sequences"] == 40  # blocks line up
     assert vocabulary["tokens_kept"] < 2000 and vocabulary["test_unknown_rate_after"] > 0
     healed = AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "02-distill")
     assert healed.config.vocab_size == vocabulary["tokens_kept"] == healed.lm_head.weight.shape[0]
-    assert results["stages"][1]["metrics"]["student_parameters"] == sum(p.numel() for p in healed.parameters())
-    assert math.isfinite(results["stages"][2]["metrics"]["perplexity"])
+    assert results.stages[1].metrics["student_parameters"] == sum(p.numel() for p in healed.parameters())
+    assert math.isfinite(results.stages[2].metrics["perplexity"])

@@ -11,6 +11,7 @@ import copy
 from transformers import PretrainedConfig, PreTrainedModel
 
 from ..errors import HfCompressError, first_line
+from ..sources import load_config
 from .architectures import layer_list_path, select_per_layer_lists
 from .layer_maps import Strategy, layers_to_keep, uniform_layer_map
 
@@ -79,8 +80,6 @@ def student_config(
     if init_from is None:
         config = copy.deepcopy(teacher_config)
     else:
-        from ..modeling import load_config  # modeling imports the pruning and quantization packages
-
         config = load_config(init_from, "student")
         for name in TASK_HEAD_FIELDS:
             if hasattr(teacher_config, name):

@@ -19,7 +19,6 @@ from .checkpoint import load_pruned, save_pruned
 from .importance import ffn_importance, head_importance, layer_importance
 from .selection import select_ffn, select_heads, select_layers
 from .structure import (
-    LEGACY_STRUCTURE_FILE,
     STRUCTURE_KEY,
     layer_shapes,
     needs_structure_record,
@@ -31,7 +30,6 @@ from .vocabulary import prune_vocabulary
 
 __all__ = [
     "ADAPTERS",
-    "LEGACY_STRUCTURE_FILE",
     "STRUCTURE_KEY",
     "LayerShape",
     "adapter_for",

@@ -13,16 +13,9 @@ from transformers.utils import SAFE_WEIGHTS_INDEX_NAME, SAFE_WEIGHTS_NAME
 
 from ..errors import HfCompressError, first_line
 from ..fileio import read_json
-from ..modeling_hfcompress import STRUCTURE_KEY, compressed_class
+from ..modeling_hfcompress import compressed_class
 from .adapters import is_supported
-from .structure import (
-    LEGACY_STRUCTURE_FILE,
-    read_legacy_structure,
-    needs_remote_code,
-    record_structure,
-    set_original_layer_indices,
-    structure_of,
-)
+from .structure import needs_remote_code, record_structure, set_original_layer_indices, structure_of
 
 TRANSFORMERS_LOADING_LOGGER = logging.getLogger("transformers.modeling_utils")
 # from_pretrained keywords about loading rather than about the config (which takes the others, e.g. num_labels).
@@ -32,20 +25,15 @@ LOADING_KEYWORDS = ("dtype", "torch_dtype", "device_map", "attn_implementation",
 
 
 def save_pruned(model: PreTrainedModel, folder: str | Path, **save_pretrained_kwargs) -> None:
-    """`save_pretrained`, making sure config.json carries the pruning structure when the blocks differ in shape.
-
-    Plain `save_pretrained` does the same for a model pruned with this package; this also removes a
-    `pruning_structure.json` that an older version left in the folder.
-    """
-    folder = Path(folder)
+    """`save_pretrained`, making sure config.json carries the pruning structure when the blocks differ in shape
+    (plain `save_pretrained` does the same for a model pruned with this package)."""
     if is_supported(model):
         record_structure(model)
-    model.save_pretrained(folder, **save_pretrained_kwargs)
-    (folder / LEGACY_STRUCTURE_FILE).unlink(missing_ok=True)
+    model.save_pretrained(Path(folder), **save_pretrained_kwargs)
 
 
 def load_pruned(path: str | Path, model_class, **from_pretrained_kwargs) -> PreTrainedModel:
-    """Load a checkpoint whose config.json may carry a pruning structure (or an older `pruning_structure.json`).
+    """Load a checkpoint whose config.json may carry a pruning structure.
 
     The model is built from config.json, cut to the recorded per-layer shapes, then given the saved weights, all
     inside transformers' `from_pretrained` (so its keywords work: `dtype`, `device_map`, `quantization_config`...),
@@ -54,9 +42,7 @@ def load_pruned(path: str | Path, model_class, **from_pretrained_kwargs) -> PreT
     """
     folder = Path(path)
     config, from_pretrained_kwargs = _config_and_loading_kwargs(folder, from_pretrained_kwargs)
-    structure = structure_of(config) or read_legacy_structure(folder)
-    if structure is not None:
-        setattr(config, STRUCTURE_KEY, structure)
+    structure = structure_of(config)
     if needs_remote_code(config):
         model_class = compressed_class(concrete_class(model_class, config))
     loaded = load_checked(model_class, folder, config=config, **from_pretrained_kwargs)

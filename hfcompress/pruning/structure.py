@@ -11,18 +11,15 @@ shapes with transformers alone, and `hfcompress.from_pretrained` with its own co
                           "key_value_heads": [12, 8, 10], "ffn_sizes": [1536, 1200, 1536]}
 
 The config keeps the shapes a fresh model is built with (the largest ones); `layers_kept` names the original index
-of each remaining block. Checkpoints written before this carried the same record in `pruning_structure.json`
-beside config.json; they still load.
+of each remaining block.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
 
 from transformers import PreTrainedModel
 
 from ..errors import HfCompressError
-from ..fileio import read_json
 from ..modeling_hfcompress import (
     STRUCTURE_FORMAT_VERSION,
     REMOTE_CODE_KEYS,
@@ -32,7 +29,6 @@ from ..modeling_hfcompress import (
 )
 from .adapters import LayerShape, adapter_for, is_supported
 
-LEGACY_STRUCTURE_FILE = "pruning_structure.json"  # where checkpoints written before the config field kept it
 # Set on each block the first time blocks are dropped, so a saved structure can say which original layers remain.
 ORIGINAL_INDEX_ATTRIBUTE = "hfcompress_original_index"
 
@@ -94,12 +90,6 @@ def needs_remote_code(config) -> bool:
 def structure_of(config) -> dict | None:
     """The pruning structure a config carries, or None."""
     return getattr(config, STRUCTURE_KEY, None) or None
-
-
-def read_legacy_structure(folder: str | Path) -> dict | None:
-    """The record of a checkpoint written before it moved into config.json (`pruning_structure.json`), or None."""
-    path = Path(folder) / LEGACY_STRUCTURE_FILE
-    return read_json(path) if path.is_file() else None
 
 
 def original_layer_indices(model: PreTrainedModel) -> list[int]:

@@ -73,6 +73,17 @@ def select_vocabulary(tokenizer, counts: Counter, min_frequency: int = 1, keep_t
     return sorted(vocabulary[token] for token in kept_tokens)
 
 
+def check_training_tokens_kept(counts: Counter, kept_ids: Sequence[int], max_lost: float) -> None:
+    """Refuse a vocabulary that prunes more than `max_lost` of the training split's token occurrences (they would
+    be re-segmented into kept pieces, or become unknown)."""
+    total = sum(counts.values())
+    kept = set(kept_ids)
+    lost = sum(count for token_id, count in counts.items() if token_id not in kept) / max(1, total)
+    if lost > max_lost:
+        raise HfCompressError(f"keeps {len(kept)} tokens, which prunes {100 * lost:.1f}% of the training split's "
+                              f"tokens (more than max_training_tokens_lost {max_lost}): lower min_frequency")
+
+
 def apply_vocabulary(model, tokenizer, kept_ids: Sequence[int]):
     """Slice the model's embeddings (and LM head) to `kept_ids`, update its config; the rewritten tokenizer."""
     _check_not_quantized(model)

@@ -1,71 +1,89 @@
-"""Quantization and export formats: one module per backend (bitsandbytes, quanto, half, onnx,
-compressed-tensors, gptq, gguf) behind one interface.
+"""Quantization and export formats: one registered class per backend (bitsandbytes, quanto, half, onnx,
+compressed-tensors, gptq, gguf) that owns its format end to end (see base.py).
 
     variant = parse_variant({"backend": "bitsandbytes", "bits": 8})
     model = quantize(model_dir, AutoModelForSequenceClassification, variant, calibration_batches=None)
     save_quantized(model, out_dir, variant)   # weights, config and quantization.json
     model = load_quantized(out_dir)           # dispatches on quantization.json
+
+A new format is one file: an options model and a `@register_backend` subclass of `QuantizationBackend`.
 """
 
 from __future__ import annotations
 
+import logging
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
 from torch import nn
+from transformers import AutoTokenizer
 
 from ..errors import HfCompressError
-from .base import RECORD_FILE, QuantizationBackend, memory_footprint, modules_of_types, read_record, size_on_disk
-from .bitsandbytes import BitsAndBytesBackend
-from .compressed_tensors import CompressedTensorsBackend
-from .gguf import GgufBackend
-from .gptq import GptqBackend
-from .half import HalfBackend
-from .options import (
-    BitsAndBytesOptions,
-    CompressedTensorsOptions,
-    GgufOptions,
-    GptqOptions,
-    HalfOptions,
-    OnnxOptions,
-    QuantoOptions,
-    VariantOptions,
-    parse_variant,
-    variant_name,
-)
-from .onnx import OnnxBackend
-from .quanto import QuantoBackend
+from ..run_dir import RunDir
+from ..sources import model_class_for
+# The built-in backends register themselves on import, in the order recipes and messages list them.
+from . import bitsandbytes, quanto, half, onnx, compressed_tensors, gptq, gguf  # noqa: F401, I001
+from .base import RECORD_FILE, OptionError, QuantizationBackend, Requirement, VariantOptions, memory_footprint, modules_of_types
+from .base import read_record, size_on_disk
+from .registry import BACKENDS, backend_class, backend_for, backend_for_checkpoint, parse_variant, register_backend
+from .registry import validate_variants, variant_name
 
-BACKENDS: dict[str, QuantizationBackend] = {
-    backend.name: backend for backend in (BitsAndBytesBackend(), QuantoBackend(), HalfBackend(), OnnxBackend(),
-                                          CompressedTensorsBackend(), GptqBackend(), GgufBackend())
-}
+logger = logging.getLogger(__name__)
 
 
-def get_backend(name: str) -> QuantizationBackend:
-    if name not in BACKENDS:
-        raise HfCompressError(f"unknown quantization backend {name!r} (known: {', '.join(BACKENDS)})")
-    return BACKENDS[name]
-
-
-def quantize(model_dir: str | Path, model_class, variant,
+def quantize(model_dir: str | Path, model_class, variant: VariantOptions,
              calibration_batches: Iterable[dict] | None = None) -> nn.Module:
     """Load the full-precision checkpoint folder `model_dir` quantized as `variant` describes."""
-    return get_backend(variant.backend).quantize(Path(model_dir), model_class, variant, calibration_batches)
+    return backend_for(variant).quantize(Path(model_dir), model_class, calibration_batches)
 
 
-def save_quantized(model: nn.Module, out_dir: str | Path, variant) -> None:
+def save_quantized(model: nn.Module, out_dir: str | Path, variant: VariantOptions) -> None:
     """Write the model's weights, config and quantization.json (the tokenizer is the caller's)."""
-    get_backend(variant.backend).save(model, Path(out_dir), variant)
+    backend_for(variant).save(model, Path(out_dir))
 
 
 def load_quantized(path: str | Path, model_class=None) -> nn.Module:
     """Reload a checkpoint `save_quantized` wrote, with the backend its quantization.json names."""
-    if model_class is None:
-        from ..modeling import model_class_for
+    return backend_for_checkpoint(path).load(Path(path), model_class or model_class_for(path))
 
-        model_class = model_class_for(path)
-    return get_backend(read_record(Path(path))["backend"]).load(Path(path), model_class)
+
+def export_checkpoint(source: str | Path, output_dir: str | Path, variant: VariantOptions | dict) -> Path:
+    """`hfcompress export`: a full-precision checkpoint folder (or a run directory's final one) written in the
+    variant's format, with its tokenizer, into `output_dir` (written beside it first, renamed into place when
+    complete)."""
+    folder, output_dir = full_precision_checkpoint(Path(source)), Path(output_dir)
+    if output_dir.exists() and any(output_dir.iterdir()):
+        raise HfCompressError(f"{output_dir}: the output directory exists and is not empty")
+    backend = backend_for(variant)
+    model = backend.quantize(folder, model_class_for(folder))
+    partial = output_dir.with_name(output_dir.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    backend.save(model, partial)
+    try:
+        AutoTokenizer.from_pretrained(str(folder)).save_pretrained(partial)
+    except (OSError, ValueError):
+        logger.warning("%s: no tokenizer to copy beside the exported model", folder)
+    if output_dir.exists():
+        output_dir.rmdir()
+    partial.rename(output_dir)
+    return output_dir
+
+
+def full_precision_checkpoint(path: Path) -> Path:
+    """The folder itself, or a run directory's final checkpoint; refused when it is already quantized."""
+    if not path.is_dir():
+        raise HfCompressError(f"{path}: no such checkpoint folder or run directory")
+    run = RunDir(path)
+    if run.has_results():
+        final = run.load_results().final_model_dir
+        if not final:
+            raise HfCompressError(f"{path}: the run has no final checkpoint yet (results.json names none)")
+        path = path / final
+    if (path / RECORD_FILE).is_file():
+        raise HfCompressError(f"{path}: this checkpoint is already quantized ({read_record(path).get('backend')}); "
+                              "export a full-precision one, e.g. the run's last distill or prune stage folder")
+    return path
 
 
 def quantized_modules(model: nn.Module) -> dict[str, str]:
@@ -75,23 +93,24 @@ def quantized_modules(model: nn.Module) -> dict[str, str]:
 
 __all__ = [
     "BACKENDS",
+    "OptionError",
     "RECORD_FILE",
-    "BitsAndBytesOptions",
-    "CompressedTensorsOptions",
-    "GgufOptions",
-    "GptqOptions",
-    "HalfOptions",
-    "OnnxOptions",
     "QuantizationBackend",
-    "QuantoOptions",
+    "Requirement",
     "VariantOptions",
-    "get_backend",
+    "backend_class",
+    "backend_for",
+    "backend_for_checkpoint",
+    "export_checkpoint",
     "load_quantized",
     "memory_footprint",
     "parse_variant",
     "quantize",
     "quantized_modules",
+    "read_record",
+    "register_backend",
     "save_quantized",
     "size_on_disk",
+    "validate_variants",
     "variant_name",
 ]

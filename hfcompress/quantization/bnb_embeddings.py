@@ -16,7 +16,6 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from ..errors import HfCompressError
 from ..modeling_hfcompress import EMBEDDINGS_KEY, compressed_class
 from ..pruning.checkpoint import save_pruned
 
@@ -26,11 +25,6 @@ EMBEDDINGS_FILE = "quantized_embeddings.safetensors"
 def quantize_input_embeddings(model, bits: int, quant_type: str = "nf4") -> None:
     """Replace the model's word embeddings by an 8-bit or 4-bit bitsandbytes embedding, in place."""
     source = model.get_input_embeddings()
-    output = model.get_output_embeddings()
-    if output is not None and output.weight is source.weight:
-        raise HfCompressError("quantize_embeddings: this model ties its word embeddings to its output layer "
-                              "(tie_word_embeddings), which stays in full precision; quantizing only the input side "
-                              "would store the matrix twice")
     quantized = _empty_embedding(source.num_embeddings, source.embedding_dim, bits, quant_type, device="cpu")
     quantized.load_state_dict(source.state_dict())
     quantized.dtype = source.weight.dtype  # what lookups return

@@ -14,51 +14,88 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import HfCompressError
-from .base import QuantizationBackend, estimate_checkpoint_bytes, in_modules, is_pruned, load_full_precision
-from .base import task_head_names, write_record
-from .options import CompressedTensorsOptions
+from .base import OptionError, QuantizationBackend, Requirement, VariantOptions, estimate_checkpoint_bytes, in_modules
+from .base import load_full_precision
+from .registry import register_backend
 
 FORMAT = "pack-quantized"
 QParams = tuple[torch.Tensor, torch.Tensor]  # scale and zero point, one column per group
 
 
+class CompressedTensorsOptions(VariantOptions):
+    """Integer weights in groups, rounded to nearest, saved as a compressed-tensors `pack-quantized` checkpoint
+    (W4A16 / W8A16) that plain `AutoModelForCausalLM.from_pretrained` and vLLM load."""
+
+    backend: Literal["compressed-tensors"]
+    bits: Literal[4, 8] = 4
+    # Input features per scale (and zero point). None: one scale per output row (compressed-tensors' "channel").
+    group_size: int | None = Field(128, ge=8)
+    symmetric: bool = True  # False: a zero point per group as well
+    # How each group's range is chosen: its min and max, or shrunk to the least rounding error (MSE_SHRINKS).
+    observer: Literal["minmax", "mse"] = "minmax"
+    dtype: Literal["bfloat16", "float16", "float32"] = "bfloat16"  # of the scales and the unquantized weights
+    skip_modules: list[str] = Field(default_factory=list)  # kept in full precision, besides the task head
+
+    @model_validator(mode="after")
+    def _symmetric_only(self):
+        if not self.symmetric:
+            raise ValueError("symmetric: false writes packed zero points, which transformers (with "
+                             "compressed-tensors 0.20) rejects as a size mismatch when loading; use symmetric: true")
+        return self
+
+
+@register_backend
 class CompressedTensorsBackend(QuantizationBackend):
     name = "compressed-tensors"
-    package = "compressed_tensors"
-    pip_name = "compressed-tensors"
+    options_model = CompressedTensorsOptions
+    requirements = (Requirement("compressed_tensors", "compressed-tensors"),)
+    runtime_packages = ("compressed-tensors",)
+    hub_tag = "compressed-tensors"
+    keeps_per_layer_shapes = False
+    method = "rtn"  # how the levels are chosen, as the variant name says it
 
-    def quantize(self, model_dir: Path, model_class, variant: CompressedTensorsOptions,
-                 calibration_batches: Iterable[dict] | None = None) -> nn.Module:
-        self.require_package()
-        if is_pruned(model_dir):
-            raise HfCompressError(f"{model_dir}: its blocks differ in shape (config.json `pruning_structure`), which "
-                                  f"config.json cannot describe, so a compressed-tensors checkpoint of it would not "
-                                  f"load with plain transformers; use backend quanto or bitsandbytes")
+    def default_name(self) -> str:
+        options = self.options
+        name = f"{self.method}-int{options.bits}" + (f"-g{options.group_size}" if options.group_size else "")
+        return name + ("" if options.symmetric else "-asym") + ("-mse" if options.observer == "mse" else "")
+
+    @property
+    def bits(self) -> int:
+        return self.options.bits
+
+    def check(self, model: nn.Module) -> None:
+        super().check(model)
+        quantization_targets(model, self.unquantized_modules(model), self.options.group_size)
+
+    def quantize(self, model_dir: Path, model_class, calibration_batches: Iterable[dict] | None = None) -> nn.Module:
+        self.check_checkpoint(model_dir)
+        options = self.options
         model = load_full_precision(model_dir, model_class, dtype=torch.float32)
-        round_through(model, getattr(torch, variant.dtype))
-        skipped = task_head_names(model_dir, model_class) + variant.skip_modules
-        targets = quantization_targets(model, skipped, variant.group_size)
-        qparams = self.quantize_weights(model, targets, variant, calibration_batches)
-        compress(model, weight_args(variant), qparams, ignore=unquantized_linears(model, targets))
+        round_through(model, getattr(torch, options.dtype))
+        targets = quantization_targets(model, self.unquantized_modules(model), options.group_size)
+        qparams = self.quantize_weights(model, targets, calibration_batches)
+        compress(model, weight_args(options), qparams, ignore=unquantized_linears(model, targets))
         return model.eval()
 
-    def quantize_weights(self, model: nn.Module, targets: dict[str, nn.Linear], variant: CompressedTensorsOptions,
+    def quantize_weights(self, model: nn.Module, targets: dict[str, nn.Linear],
                          calibration_batches: Iterable[dict] | None) -> dict[str, QParams]:
         """Replace each target's weight by its quantized (dequantized) values; its scale and zero point."""
-        args, dtype = weight_args(variant), getattr(torch, variant.dtype)
+        args, dtype = weight_args(self.options), getattr(torch, self.options.dtype)
         qparams = {}
         with torch.no_grad():
             for name, layer in targets.items():
                 layer.weight.data, *qparams[name] = round_to_nearest(layer.weight.data, args, dtype)
         return qparams
 
-    def save(self, model: nn.Module, out_dir: Path, variant: CompressedTensorsOptions) -> None:
+    def save(self, model: nn.Module, out_dir: Path) -> None:
         from compressed_tensors.compressors import ModelCompressor
 
         out_dir = Path(out_dir)
@@ -68,33 +105,39 @@ class CompressedTensorsBackend(QuantizationBackend):
         # every weight is already on its group's grid.
         compressor.compress_model(model, skip_compressed=True)
         compute_dtype = next(model.parameters()).dtype
-        model.to(getattr(torch, variant.dtype))  # exact too: every float was rounded through this dtype already
+        model.to(getattr(torch, self.options.dtype))  # exact too: every float was rounded through this dtype already
         try:
             model.save_pretrained(out_dir)
         finally:
             model.to(compute_dtype)
         compressor.update_config(str(out_dir))
-        write_record(out_dir, variant)
+        self.write_record(out_dir)
 
     def load(self, path: Path, model_class) -> nn.Module:
-        self.require_package()
+        self.require_packages()
         return model_class.from_pretrained(str(path), dtype=torch.float32).eval()
 
-    def estimated_size(self, model: nn.Module, variant: CompressedTensorsOptions, skip: list[str]) -> int:
+    def estimated_size(self, model: nn.Module) -> int:
         """Packed `bits`-bit weights in every quantized Linear, one scale per group (or row) in `dtype`, and its
         shape (two int64); everything else, biases included, in `dtype`."""
-        float_bytes = torch.finfo(getattr(torch, variant.dtype)).bits // 8
-        skipped = skip + variant.skip_modules
+        options = self.options
+        float_bytes = torch.finfo(getattr(torch, options.dtype)).bits // 8
+        skipped = self.unquantized_modules(model)
 
         def price(name: str, module: nn.Module) -> int | None:
             if not isinstance(module, nn.Linear) or in_modules(name, skipped):
                 return None
             rows, columns = module.weight.shape
-            groups = -(-columns // variant.group_size) if variant.group_size else 1
+            groups = -(-columns // options.group_size) if options.group_size else 1
             bias = module.bias.numel() * float_bytes if module.bias is not None else 0
-            return rows * columns * variant.bits // 8 + rows * groups * float_bytes + 16 + bias
+            return rows * columns * options.bits // 8 + rows * groups * float_bytes + 16 + bias
 
         return estimate_checkpoint_bytes(model, price, float_bytes)
+
+    def usage_notes(self, record: dict) -> list[str]:
+        return ["The Linear weights are a compressed-tensors `pack-quantized` checkpoint (needs "
+                "`pip install compressed-tensors`); transformers unpacks them at the first forward, and vLLM "
+                "serves the checkpoint as it is."]
 
 
 def weight_args(variant: CompressedTensorsOptions, strategy: str | None = None):
@@ -138,7 +181,7 @@ def quantization_targets(model: nn.Module, skipped: list[str], group_size: int |
 
 def check_group_size(name: str, in_features: int, group_size: int | None) -> None:
     if group_size and in_features % group_size:
-        raise HfCompressError(f"group_size {group_size} does not divide the {in_features} input features of {name}: "
+        raise OptionError("group_size", f"group_size {group_size} does not divide the {in_features} input features of {name}: "
                               f"choose a divisor of {in_features}, or skip_modules: [{name}]")
 
 

@@ -18,37 +18,59 @@ import tempfile
 import weakref
 from collections.abc import Iterable
 from pathlib import Path
+from typing import Literal
 
+import gguf
 import numpy as np
 import torch
 from torch import nn
 
 from ..errors import HfCompressError
 from ..fileio import read_json
-from .base import QuantizationBackend, is_pruned, load_full_precision, read_record, write_record
-from .options import GgufOptions
+from .base import QuantizationBackend, Requirement, VariantOptions, load_full_precision
+from .registry import register_backend
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_MODEL_TYPES = ("llama",)
 
 
+class GgufOptions(VariantOptions):
+    """A llama.cpp GGUF file (Llama architecture), evaluated as transformers loads it back (`gguf_file=`)."""
+
+    backend: Literal["gguf"]
+    type: Literal["f32", "f16", "bf16", "q8_0", "q5_0", "q5_1", "q4_0", "q4_1"] = "q8_0"
+
+
+@register_backend
 class GgufBackend(QuantizationBackend):
     name = "gguf"
-    package = pip_name = "gguf"
+    options_model = GgufOptions
+    requirements = (Requirement("gguf", "gguf"),)
+    runtime_packages = ("gguf",)
+    hub_tag = "gguf"
+    keeps_per_layer_shapes = False
 
-    def quantize(self, model_dir: Path, model_class, variant: GgufOptions,
-                 calibration_batches: Iterable[dict] | None = None) -> nn.Module:
+    def default_name(self) -> str:
+        return f"gguf-{self.options.type}"
+
+    @property
+    def bits(self) -> int | None:
+        digits = "".join(char for char in self.options.type.split("_")[0] if char.isdigit())
+        return int(digits) if digits else None
+
+    def check(self, model: nn.Module) -> None:
+        super().check(model)
+        check_architecture(model.config)
+
+    def quantize(self, model_dir: Path, model_class, calibration_batches: Iterable[dict] | None = None) -> nn.Module:
         """Write the GGUF file (into a temporary folder, removed with the model) and load it back."""
-        self.require_package()
-        if is_pruned(model_dir):
-            raise HfCompressError(f"{model_dir}: its blocks differ in shape (config.json `pruning_structure`), and GGUF's llama "
-                                  f"architecture has one head count and one FFN width for every block")
+        self.check_checkpoint(model_dir)
         model = load_full_precision(model_dir, model_class, dtype=torch.float32)
         folder = Path(tempfile.mkdtemp(prefix="hfcompress-gguf-"))
-        path = folder / gguf_file_name(variant)
+        path = folder / gguf_file_name(self.options)
         try:
-            write_gguf(model, Path(model_dir), path, variant.type)
+            write_gguf(model, Path(model_dir), path, self.options.type)
             loaded = load_gguf(folder, path.name, model_class)
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
@@ -57,11 +79,11 @@ class GgufBackend(QuantizationBackend):
         weakref.finalize(loaded, shutil.rmtree, folder, True)
         return loaded
 
-    def save(self, model: nn.Module, out_dir: Path, variant: GgufOptions) -> None:
+    def save(self, model: nn.Module, out_dir: Path) -> None:
         exported = getattr(model, "gguf_export", None)
         if exported is None or not Path(exported).is_file():
-            raise HfCompressError("gguf: save_quantized takes the model that quantize() returned (it carries the "
-                                  "GGUF file it wrote)")
+            raise HfCompressError("gguf: save takes the model that quantize() returned (it carries the GGUF file it "
+                                  "wrote)")
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(exported, out_dir / exported.name)
@@ -69,25 +91,35 @@ class GgufBackend(QuantizationBackend):
         config.pop("quantization_config", None)
         config["architectures"] = [type(model).__name__]
         model.config.__class__.from_dict(config).save_pretrained(out_dir)  # tells model_class_for the architecture
-        write_record(out_dir, variant, gguf_file=exported.name)
+        self.write_record(out_dir, gguf_file=exported.name)
 
     def load(self, path: Path, model_class) -> nn.Module:
-        self.require_package()
-        return load_gguf(Path(path), read_record(Path(path))["gguf_file"], model_class)
+        self.require_packages()
+        return load_gguf(Path(path), gguf_file_name(self.options), model_class)
 
-    def estimated_size(self, model: nn.Module, variant: GgufOptions, skip: list[str]) -> int | None:
+    def estimated_size(self, model: nn.Module) -> int | None:
         """The tensors as `write_gguf` types them (see `tensor_type`), in GGML's block sizes; the file also holds
         the tokenizer (vocabulary and merges, about a megabyte for a 49k-token BPE), which is not counted."""
-        try:
-            import gguf
-        except ImportError:
-            return None
-        qtype = getattr(gguf.GGMLQuantizationType, variant.type.upper())
+        qtype = getattr(gguf.GGMLQuantizationType, self.options.type.upper())
         total, tied = 0, _tied(model)
         for name, _, tensor in named_tensors(model):  # shapes only: works on the meta device
             block_size, type_size = gguf.GGML_QUANT_SIZES[tensor_type(name, tensor, qtype, tied)]
             total += tensor.numel() // block_size * type_size
         return total
+
+    def loading_arguments(self, record: dict) -> list[str]:
+        return [f'gguf_file="{record["gguf_file"]}"']
+
+    def usage_notes(self, record: dict) -> list[str]:
+        return [f"The weights are one llama.cpp GGUF file (`{record['gguf_file']}`): llama.cpp runs it as it is; "
+                "transformers dequantizes it to float when loading (needs `pip install gguf`)."]
+
+
+def check_architecture(config) -> None:
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise HfCompressError(f"gguf export writes Llama-architecture models ({', '.join(SUPPORTED_MODEL_TYPES)}); "
+                              f"this one is {config.model_type!r}")
+    check_rope(config)
 
 
 def gguf_file_name(variant: GgufOptions) -> str:
@@ -104,13 +136,8 @@ def load_gguf(folder: Path, file_name: str, model_class) -> nn.Module:
 
 def write_gguf(model: nn.Module, tokenizer_dir: Path, path: Path, type_name: str) -> None:
     """Write `model` (a float LlamaForCausalLM) and the tokenizer in `tokenizer_dir` as one GGUF file."""
-    import gguf
-
     config = model.config
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise HfCompressError(f"gguf export writes Llama-architecture models ({', '.join(SUPPORTED_MODEL_TYPES)}); "
-                              f"this one is {config.model_type!r}")
-    check_rope(config)
+    check_architecture(config)
     file_type = gguf.LlamaFileType[{"f32": "ALL_F32"}.get(type_name, f"MOSTLY_{type_name.upper()}")]
     writer = gguf.GGUFWriter(str(path), gguf.MODEL_ARCH_NAMES[gguf.MODEL_ARCH.LLAMA])
     writer.add_type(gguf.GGUFType.MODEL)
@@ -154,8 +181,6 @@ def write_hyperparameters(writer, config) -> None:
 def write_tokenizer(writer, tokenizer_dir: Path, vocab_size: int) -> None:
     """Tokens, their types (and scores), merges, special token ids and the chat template, as gguf.vocab reads them
     from tokenizer.json / tokenizer_config.json / chat_template.jinja; padded to the model's vocabulary size."""
-    import gguf
-
     vocab = None
     for vocab_class in (gguf.vocab.BpeVocab, gguf.vocab.LlamaHfVocab):
         try:
@@ -218,8 +243,6 @@ def gguf_tensors(model: nn.Module, qtype) -> Iterable[tuple[str, np.ndarray, obj
 
 def named_tensors(model: nn.Module) -> Iterable[tuple[str, str, torch.Tensor]]:
     """(llama.cpp name, transformers name, tensor) of every tensor the file holds."""
-    import gguf
-
     name_map = gguf.get_tensor_name_map(gguf.MODEL_ARCH.LLAMA, model.config.num_hidden_layers)
     tied = _tied(model)
     for hf_name, tensor in model.state_dict().items():
@@ -243,8 +266,6 @@ def rotary_rows_to_ggml(weight: np.ndarray, heads: int) -> np.ndarray:
 
 def tensor_type(name: str, data: np.ndarray | torch.Tensor, qtype, tied: bool):
     """The GGML type `write_gguf` stores the tensor in (only its shape is read)."""
-    import gguf
-
     types = gguf.GGMLQuantizationType
     if data.ndim == 1 or qtype == types.F32:
         return types.F32

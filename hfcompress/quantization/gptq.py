@@ -21,28 +21,47 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable
+from typing import Literal
 
 import torch
+from pydantic import Field
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from ..errors import HfCompressError
 from ..pruning.adapters import adapter_for
-from .compressed_tensors import CompressedTensorsBackend, QParams, group_qparams, round_to_nearest, weight_args
-from .options import GptqOptions
+from .compressed_tensors import CompressedTensorsBackend, CompressedTensorsOptions, QParams, group_qparams
+from .compressed_tensors import round_to_nearest, weight_args
+from .registry import register_backend
 
 BlockInputs = list[tuple[tuple, dict]]  # positional and keyword arguments of one call of a decoder block
 
 
+class GptqOptions(CompressedTensorsOptions):
+    """GPTQ (Frantar et al. 2022): the same format, each weight column rounded with the error of the columns
+    before it pushed onto the ones after, as the layer's input Hessian on the training text says."""
+
+    backend: Literal["gptq"]  # type: ignore[assignment]
+    act_order: bool = False  # columns in order of decreasing Hessian diagonal (groups stay contiguous)
+    damp: float = Field(0.01, gt=0, description="added to the Hessian diagonal, as a fraction of its mean")
+    block_size: int = Field(128, ge=1, description="columns whose updates are applied together (speed only)")
+
+
+@register_backend
 class GptqBackend(CompressedTensorsBackend):
     name = "gptq"
+    options_model = GptqOptions
+    method = "gptq"
 
-    def quantize_weights(self, model: nn.Module, targets: dict[str, nn.Linear], variant: GptqOptions,
+    def default_name(self) -> str:
+        return super().default_name() + ("-ao" if self.options.act_order else "")
+
+    def quantize_weights(self, model: nn.Module, targets: dict[str, nn.Linear],
                          calibration_batches: Iterable[dict] | None) -> dict[str, QParams]:
         if calibration_batches is None:
             raise HfCompressError("gptq needs calibration batches (the quantize stage takes them from the training "
                                   "split: calibration_samples)")
-        return gptq_quantize_model(model, calibration_batches, targets, variant)
+        return gptq_quantize_model(model, calibration_batches, targets, self.options)
 
 
 # ------------------------------------------------------------------------------------------------ one weight matrix

@@ -11,99 +11,129 @@ trust_remote_code=True)` loads it with transformers and optimum-quanto alone, an
 from __future__ import annotations
 
 import itertools
-from fnmatch import fnmatch
 from collections.abc import Iterable
+from fnmatch import fnmatch
 from pathlib import Path
+from typing import Literal
 
 import torch
+from pydantic import Field, model_validator
 from torch import nn
-from transformers import AutoConfig
 
 from ..errors import HfCompressError
 from ..modeling_hfcompress import QUANTO_KEY, compressed_class, set_weight_group_size
-from .base import (
-    QuantizationBackend,
-    estimate_checkpoint_bytes,
-    load_full_precision,
-    read_record,
-    save_pruned,
-    task_head_names,
-    write_record,
-)
-from .options import QuantoOptions
+from .base import OptionError, QuantizationBackend, Requirement, VariantOptions, estimate_checkpoint_bytes, load_full_precision
+from .base import save_pruned
+from .registry import register_backend
 
 
+class QuantoOptions(VariantOptions):
+    """optimum-quanto: int8/int4/int2 weights, optionally int8 activations calibrated on a few batches."""
+
+    backend: Literal["quanto"]
+    weights: Literal["int8", "int4", "int2"] = "int8"
+    activations: Literal["int8"] | None = None
+    calibration_batches: int = Field(8, ge=1)
+    # int4/int2: input features per scale and shift. None: quanto's choice (128, or the largest multiple of 32 below
+    # it that divides the layer's inputs). 32 is the block of GGUF's Q4_0/Q4_1, so it re-quantizes those exactly.
+    group_size: int | None = Field(None, ge=8)
+    skip_modules: list[str] = Field(default_factory=list)  # kept in full precision, besides the task head
+    quantize_embeddings: bool = False
+
+    @model_validator(mode="after")
+    def _group_size_needs_int4_or_int2(self):
+        if self.group_size is not None and self.weights == "int8":
+            raise ValueError("group_size only applies to weights: int4 or int2 (int8 weights have one scale per row)")
+        return self
+
+    @model_validator(mode="after")
+    def _embeddings_unsupported(self):
+        if self.quantize_embeddings:
+            raise ValueError("optimum-quanto has no quantized Embedding module (it quantizes Linear, Conv2d and "
+                             "LayerNorm layers); use backend: bitsandbytes to quantize the embeddings")
+        return self
+
+
+@register_backend
 class QuantoBackend(QuantizationBackend):
     name = "quanto"
-    package = "optimum.quanto"
-    pip_name = "optimum-quanto"
+    options_model = QuantoOptions
+    requirements = (Requirement("optimum.quanto", "optimum-quanto"),)
+    runtime_packages = ("optimum-quanto",)
+    hub_tag = "quanto"
     quantized_types = ("QLinear", "QConv2d", "QLayerNorm")
 
-    def quantize(self, model_dir: Path, model_class, variant: QuantoOptions,
-                 calibration_batches: Iterable[dict] | None = None) -> nn.Module:
-        self.require_package()
+    def default_name(self) -> str:
+        options = self.options
+        name = f"quanto-{options.weights}" + (f"-g{options.group_size}" if options.group_size else "")
+        return name + ("-a8" if options.activations else "")
+
+    @property
+    def bits(self) -> int:
+        return int(self.options.weights.removeprefix("int"))
+
+    def check(self, model: nn.Module) -> None:
+        """`group_size` must divide the inputs of every Linear layer quanto will quantize."""
+        super().check(model)
+        if self.options.group_size is None:
+            return
+        patterns = exclude_patterns(self.unquantized_modules(model))
+        for name, module in model.named_modules():
+            if isinstance(module, nn.Linear) and not any(fnmatch(name, pattern) for pattern in patterns):
+                _check_group_divides(name, module.in_features, self.options.group_size)
+
+    def quantize(self, model_dir: Path, model_class, calibration_batches: Iterable[dict] | None = None) -> nn.Module:
+        self.require_packages()
         from optimum.quanto import freeze, quantize
 
-        if variant.activations and calibration_batches is None:
-            raise HfCompressError(f"quanto activations: {variant.activations} needs calibration batches, none given")
+        options = self.options
+        if options.activations and calibration_batches is None:
+            raise HfCompressError(f"quanto activations: {options.activations} needs calibration batches, none given")
         model = load_full_precision(model_dir, model_class)  # load_pruned when the blocks differ in shape
-        skip = task_head_names(model_dir, model_class) + variant.skip_modules
-        quantize(model, weights=_qtype(variant.weights), activations=_qtype(variant.activations),
-                 exclude=exclude_patterns(skip))
-        set_group_size(model, variant.group_size)
-        if variant.activations:
-            calibrate(model, itertools.islice(calibration_batches, variant.calibration_batches))
+        quantize(model, weights=_qtype(options.weights), activations=_qtype(options.activations),
+                 exclude=exclude_patterns(self.unquantized_modules(model)))
+        set_group_size(model, options.group_size)
+        if options.activations:
+            calibrate(model, itertools.islice(calibration_batches, options.calibration_batches))
         freeze(model)  # float weights -> stored int weights
         return model
 
-    def save(self, model: nn.Module, out_dir: Path, variant: QuantoOptions) -> None:
+    def save(self, model: nn.Module, out_dir: Path) -> None:
         from optimum.quanto import quantization_map
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         setattr(model.config, QUANTO_KEY, {"quantization_map": quantization_map(model),
-                                           "group_size": variant.group_size, "float_outputs": float_outputs(model)})
+                                           "group_size": self.options.group_size,
+                                           "float_outputs": float_outputs(model)})
         model.__class__ = compressed_class(type(model))  # save_pretrained then ships the modeling file
         save_pruned(model, out_dir)
-        write_record(out_dir, variant)
+        self.write_record(out_dir)
 
     def load(self, path: Path, model_class) -> nn.Module:
-        self.require_package()
-        from ..pruning import load_pruned
+        self.require_packages()
+        return load_full_precision(path, model_class)  # the modeling file's loader, pruned shapes included
 
-        config = AutoConfig.from_pretrained(str(path))
-        if not getattr(config, QUANTO_KEY, None):  # written before the map moved into config.json
-            record = read_record(path)
-            setattr(config, QUANTO_KEY, {key: record.get(key) for key in ("quantization_map", "group_size",
-                                                                          "float_outputs")})
-        return load_pruned(path, model_class, config=config)  # the modeling file's loader, pruned shapes included
-
-
-    def estimated_size(self, model: nn.Module, variant: QuantoOptions, skip: list[str]) -> int:
+    def estimated_size(self, model: nn.Module) -> int:
         """int8: a byte per weight and a float32 scale per row; int4/int2: packed, with a float32 scale and shift per
         group of inputs (quanto's default group when none is given). Everything else stays float32."""
-        bits = int(variant.weights.removeprefix("int"))
-        patterns = exclude_patterns(skip)
+        bits = self.bits
+        patterns = exclude_patterns(self.unquantized_modules(model))
 
         def price(name: str, module: nn.Module) -> int | None:
             if not isinstance(module, nn.Linear) or any(fnmatch(name, pattern) for pattern in patterns):
                 return None
             rows, inputs = module.weight.shape
-            group = variant.group_size or default_group_size(inputs)
+            group = self.options.group_size or default_group_size(inputs)
             scales = 4 * rows if bits == 8 else 8 * (rows * inputs // group if group else rows)
             bias = 4 * module.bias.numel() if module.bias is not None else 0
             return -(-rows * inputs * bits // 8) + scales + bias + 8  # + input and output scales
 
         return estimate_checkpoint_bytes(model, price)
 
-    def check_group_size(self, model: nn.Module, variant: QuantoOptions, skip: list[str]) -> None:
-        """Raise when `group_size` does not divide the inputs of a Linear layer quanto will quantize."""
-        if variant.group_size is None or variant.weights == "int8":
-            return
-        patterns = exclude_patterns(skip)
-        for name, module in model.named_modules():
-            if isinstance(module, nn.Linear) and not any(fnmatch(name, pattern) for pattern in patterns):
-                _check_group_divides(name, module.in_features, variant.group_size)
+    def usage_notes(self, record: dict) -> list[str]:
+        return ["The weights are optimum-quanto tensors, which transformers cannot load by itself: the modeling "
+                "file rebuilds them with `optimum.quanto.requantize` (`pip install optimum-quanto`), on the CPU."]
 
 
 def default_group_size(in_features: int) -> int | None:
@@ -119,8 +149,8 @@ def default_group_size(in_features: int) -> int | None:
 
 def _check_group_divides(name: str, in_features: int, group_size: int) -> None:
     if in_features % group_size:
-        raise HfCompressError(f"quanto group_size {group_size} does not divide the {in_features} input "
-                              f"features of {name}: choose a divisor, or skip_modules: [{name}]")
+        raise OptionError("group_size", f"quanto group_size {group_size} does not divide the {in_features} input "
+                                        f"features of {name}: choose a divisor, or skip_modules: [{name}]")
 
 
 def exclude_patterns(modules: list[str]) -> list[str]:

@@ -9,12 +9,30 @@ from functools import cached_property
 from pathlib import Path
 from typing import Any, ClassVar
 
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
 from pydantic import BaseModel, ConfigDict
 
 from ..data import batch_to_model_inputs, load_task_data
 from ..errors import HfCompressError, first_line
 from ..modeling import load_model, save_checkpoint
-from ..recipe import ModelReference, Recipe
+from ..recipe_schema import ModelReference, Recipe
+from ..run_dir import Row
+
+STAGES: dict[str, type[Stage]] = {}
+
+
+def register_stage(stage_class: type[Stage]) -> type[Stage]:
+    STAGES[stage_class.name] = stage_class
+    return stage_class
+
+
+def get_stage_class(name: str) -> type[Stage] | None:
+    return STAGES.get(name)
+
+
+def stage_names() -> list[str]:
+    return sorted(STAGES)
 
 
 class StageOptions(BaseModel):
@@ -26,7 +44,7 @@ class StageOptions(BaseModel):
 @dataclass
 class StageResult:
     metrics: dict[str, Any] = field(default_factory=dict)
-    rows: list[dict[str, Any]] = field(default_factory=list)  # evaluation rows for results.json
+    rows: list[Row] = field(default_factory=list)  # evaluation rows for results.json
     model_subdir: str | None = None  # where in the stage folder the model is, when not at its top (quantize)
 
 
@@ -44,7 +62,7 @@ class StageContext:
     models: dict[str, ModelReference]  # "teacher" and every earlier model-producing stage id
     load_data: Callable[[ModelReference], Any]  # the task data, tokenized by that model's tokenizer
     load_tokenizer: Callable[[ModelReference], Any]
-    rows: list[dict[str, Any]] = field(default_factory=list)
+    rows: list[Row] = field(default_factory=list)  # every model evaluated before this stage
 
     @cached_property
     def data(self):
@@ -121,9 +139,6 @@ class Stage:
 
 def check_repo_id(planner, repo_id: str | None) -> None:
     """The Hub's own rules for a repo id (huggingface_hub's validator), checked before anything runs."""
-    from huggingface_hub.errors import HFValidationError
-    from huggingface_hub.utils import validate_repo_id
-
     if repo_id is None:
         return
     if repo_id.count("/") != 1:

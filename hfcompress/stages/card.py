@@ -5,8 +5,14 @@ from __future__ import annotations
 from pathlib import Path
 
 from ..card import write_model_card
-from . import register_stage
-from .base import Stage, StageContext, StageOptions, StageResult, check_repo_id
+from .base import (
+    Stage,
+    StageContext,
+    StageOptions,
+    StageResult,
+    check_repo_id,
+    register_stage,
+)
 
 
 class CardOptions(StageOptions):

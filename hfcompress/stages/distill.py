@@ -26,17 +26,15 @@ from ..distillation import (
     student_config,
     student_from_config,
     student_from_layers,
-    teacher_for_student,
     teacher_fingerprint,
+    teacher_for_student,
     uniform_layer_map,
 )
 from ..errors import HfCompressError
-from ..modeling import load_config, load_tokenizer
-from ..recipe import ModelReference, StrictModel
-from ..sources import resolve_model_reference
+from ..recipe_schema import ModelReference, StrictModel
+from ..sources import load_config, load_tokenizer, resolve_model_reference
 from ..training import TrainingOptions, train
-from . import register_stage
-from .base import Stage, StageContext, StageResult
+from .base import Stage, StageContext, StageResult, register_stage
 from .finetune import training_metrics
 
 logger = logging.getLogger(__name__)

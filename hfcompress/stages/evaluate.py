@@ -7,7 +7,14 @@ from typing import Literal
 
 from pydantic import Field
 
-from ..evaluation import count_parameters, measure_generation, measure_speed, memory_footprint, place_on, size_on_disk
+from ..evaluation import (
+    count_parameters,
+    measure_generation,
+    measure_speed,
+    memory_footprint,
+    place_on,
+    size_on_disk,
+)
 from ..fidelity import (
     ECE_BINS,
     TOP_K_TOKENS,
@@ -19,10 +26,10 @@ from ..fidelity import (
     per_class_f1,
     save_predictions,
 )
-from ..recipe import ExtraEvaluationSet
+from ..recipe_schema import ExtraEvaluationSet
+from ..run_dir import Evaluation, Row
 from ..sources import resolve_model_reference
-from . import register_stage
-from .base import Stage, StageContext, StageOptions, StageResult
+from .base import Stage, StageContext, StageOptions, StageResult, register_stage
 
 
 class EvaluateOptions(StageOptions):
@@ -51,18 +58,19 @@ class EvaluateStage(Stage):
         model = ctx.load_model()
         folder = resolve_model_reference(ctx.model.name_or_path)
         row = evaluation_row(ctx, model, folder, self.options, self.options.label or ctx.model_label)
-        return StageResult(metrics=row["metrics"], rows=[row])
+        return StageResult(metrics=row.metrics, rows=[row])
 
 
 def evaluation_row(ctx: StageContext, model, folder: str | Path, options: EvaluateOptions, label: str,
-                   predictions_name: str = "predictions") -> dict:
+                   variant: str | None = None) -> Row:
     """One results.json row: task metrics on the split, fidelity to the teacher and to the previous evaluated
     model, then parameters, size, memory, latency, throughput; the same quality and fidelity numbers on each extra
     evaluation set. Each set's outputs are saved next to the metrics (`<predictions_name>*.safetensors`) for later
     rows to compare with."""
     model = place_on(model, ctx.accelerator.device)
+    predictions_name = f"predictions-{variant}" if variant else "predictions"
     main = evaluate_split(ctx, model, options, options.split, None, Path(ctx.out_dir) / f"{predictions_name}.safetensors")
-    metrics = main["metrics"]
+    metrics = main.metrics
     metrics["num_parameters"] = count_parameters(model)
     metrics["size_on_disk_bytes"] = size_on_disk(folder)
     metrics["memory_footprint_bytes"] = memory_footprint(model)
@@ -81,17 +89,15 @@ def evaluation_row(ctx: StageContext, model, folder: str | Path, options: Evalua
             ctx, model, options, split, source.display_name,
             Path(ctx.out_dir) / f"{predictions_name}-extra{index}.safetensors")
     model_dir = _inside_run_dir(folder, ctx) or ctx.model.name_or_path
-    row = {"label": label, "stage_id": ctx.stage_id, "model_dir": model_dir, **main}
-    if extra:
-        row["extra_datasets"] = extra
-    return row
+    return Row(label=label, stage_id=ctx.stage_id, model_dir=model_dir, variant=variant, extra_datasets=extra,
+               **main.model_dump())
 
 
 # ---------------------------------------------------------------------------------------------- fidelity
 
 
 def evaluate_split(ctx: StageContext, model, options: EvaluateOptions, split: str, extra_name: str | None,
-                   predictions_file: Path) -> dict:
+                   predictions_file: Path) -> Evaluation:
     """Metrics, calibration and fidelity of the model on one split (`extra_name`: an extra evaluation set), and
     where its outputs were saved."""
     references = fidelity_references(ctx, options.split, extra_name)
@@ -100,29 +106,27 @@ def evaluate_split(ctx: StageContext, model, options: EvaluateOptions, split: st
     metrics.update(calibration_and_class_scores(ctx, outputs))
     fidelity = {role: compare_outputs(ctx, reference, outputs, role, split) for role, reference in references.items()}
     save_predictions(predictions_file, {name: array for name, array in outputs.items() if not name.startswith("at_")})
-    return {"metrics": metrics, "predictions_file": _inside_run_dir(predictions_file, ctx), "fidelity": fidelity}
+    return Evaluation(metrics=metrics, predictions_file=_inside_run_dir(predictions_file, ctx), fidelity=fidelity)
 
 
-def fidelity_references(ctx: StageContext, split: str, extra_name: str | None = None) -> dict[str, dict]:
+def fidelity_references(ctx: StageContext, split: str, extra_name: str | None = None) -> dict[str, Row | Evaluation]:
     """The earlier outputs to compare with, by role: "teacher" (the row labelled teacher, else the first) and
     "previous" (the last evaluated model before this stage, the one this model was made from), among the rows
     scored on the same split (and extra set) that saved their outputs. One row may fill both roles."""
-    rows = [row for row in ctx.rows if row["metrics"].get("split") == split]
-    if extra_name is not None:
-        rows = [{"label": row["label"], **row["extra_datasets"][extra_name]}
-                for row in rows if extra_name in row.get("extra_datasets", {})]
-    rows = [row for row in rows if row.get("predictions_file")]
-    if not rows:
+    rows = [row for row in ctx.rows if row.metrics.get("split") == split]
+    labelled = [(row.label, row if extra_name is None else row.extra_datasets.get(extra_name)) for row in rows]
+    labelled = [(label, scored) for label, scored in labelled if scored is not None and scored.predictions_file]
+    if not labelled:
         return {}
-    teacher = next((row for row in rows if row["label"] == "teacher"), rows[0])
-    return {"teacher": teacher, "previous": rows[-1]}
+    teacher = next((pair for pair in labelled if pair[0] == "teacher"), labelled[0])
+    return {"teacher": teacher, "previous": labelled[-1]}
 
 
-def predict_split(ctx: StageContext, model, split: str, batch_size: int, references: dict[str, dict]) -> dict:
+def predict_split(ctx: StageContext, model, split: str, batch_size: int, references: dict[str, tuple]) -> dict:
     loader = ctx.data.dataloader(split, batch_size)
     if ctx.task.type != "causal-lm":
         return ctx.task.predict(model, loader)
-    compare_with = {role: _load_reference(ctx, row)["top_k_indices"] for role, row in references.items()}
+    compare_with = {role: _load_reference(ctx, scored)["top_k_indices"] for role, (_, scored) in references.items()}
     return ctx.task.predict(model, loader, top_k=TOP_K_TOKENS, compare_with=compare_with)
 
 
@@ -136,17 +140,20 @@ def calibration_and_class_scores(ctx: StageContext, outputs: dict) -> dict:
             "per_class_f1": dict(zip(names, scores))}
 
 
-def compare_outputs(ctx: StageContext, reference_row: dict, outputs: dict, role: str, split: str) -> dict:
-    reference = _load_reference(ctx, reference_row)
+def compare_outputs(ctx: StageContext, reference: tuple[str, Evaluation], outputs: dict, role: str,
+                    split: str) -> dict:
+    """How `outputs` differ from a reference's (given as its row's label and its evaluation on this split)."""
+    label, scored = reference
+    saved = _load_reference(ctx, scored)
     if ctx.task.type == "causal-lm":
-        compared = causal_lm_fidelity(reference, outputs, f"at_{role}")
+        compared = causal_lm_fidelity(saved, outputs, f"at_{role}")
     else:
-        compared = classification_fidelity(reference, outputs, ctx.data.label_names, ctx.data.texts.get(split))
-    return {"label": reference_row["label"], **compared}
+        compared = classification_fidelity(saved, outputs, ctx.data.label_names, ctx.data.texts.get(split))
+    return {"label": label, **compared}
 
 
-def _load_reference(ctx: StageContext, row: dict) -> dict:
-    return load_predictions(Path(ctx.run_dir) / row["predictions_file"])
+def _load_reference(ctx: StageContext, scored: Evaluation) -> dict:
+    return load_predictions(Path(ctx.run_dir) / scored.predictions_file)
 
 
 def _inside_run_dir(folder, ctx: StageContext) -> str | None:

@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from ..data import batch_to_model_inputs
 from ..training import TrainingOptions, train
-from . import register_stage
-from .base import Stage, StageContext, StageResult
+from .base import Stage, StageContext, StageResult, register_stage
 
 
 class FinetuneOptions(TrainingOptions):

@@ -31,12 +31,18 @@ from ..pruning import (
     select_heads,
     select_layers,
 )
-from ..pruning.vocabulary import apply_vocabulary, check_same_pieces, count_tokens, select_vocabulary, slice_vocabulary
-from ..pruning.vocabulary import unknown_rate
-from ..recipe import StrictModel
+from ..pruning.vocabulary import (
+    apply_vocabulary,
+    check_same_pieces,
+    check_training_tokens_kept,
+    count_tokens,
+    select_vocabulary,
+    slice_vocabulary,
+    unknown_rate,
+)
+from ..recipe_schema import StrictModel
 from ..sources import resolve_model_reference
-from . import register_stage
-from .base import Stage, StageContext, StageOptions, StageResult
+from .base import Stage, StageContext, StageOptions, StageResult, register_stage
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +79,8 @@ class VocabularyBudget(StrictModel):
     min_frequency: int = Field(1, ge=1, description="occurrences in the training split a token needs to stay")
     keep_top: int = Field(0, ge=0, description="also keep the lowest ids (base characters, most frequent merges)")
     keep: list[str] = Field(default_factory=list, description="tokens kept whatever their frequency")
+    max_training_tokens_lost: float = Field(0.5, ge=0, le=1, description="refuse a vocabulary that prunes a larger "
+                                                                          "share of the training split's tokens")
 
 
 class PruneOptions(StageOptions):
@@ -139,6 +147,7 @@ class PruneStage(Stage):
         counts = count_tokens(train_ids) if causal else training_token_counts(ctx.recipe, old_tokenizer)
         kept = select_vocabulary(old_tokenizer, counts, budget.min_frequency, budget.keep_top, budget.keep,
                                  model.config)
+        check_training_tokens_kept(counts, kept, budget.max_training_tokens_lost)
         tokenizer = apply_vocabulary(model, old_tokenizer, kept)
         new_data = ctx.data_with_tokenizer(tokenizer)
         checked = check_same_pieces(train_ids, new_data["train"]["input_ids"], kept, contiguous=causal)
@@ -197,9 +206,11 @@ class PruneStage(Stage):
         if counts is None:
             return False
         budget = self.options.vocabulary
-        with planner.checking("vocabulary"):
-            slice_vocabulary(model, select_vocabulary(planner.tokenizer, counts, budget.min_frequency,
-                                                      budget.keep_top, budget.keep, model.config))
+        with planner.checking("vocabulary", "min_frequency"):
+            kept = select_vocabulary(planner.tokenizer, counts, budget.min_frequency, budget.keep_top, budget.keep,
+                                     model.config)
+            check_training_tokens_kept(counts, kept, budget.max_training_tokens_lost)
+            slice_vocabulary(model, kept)
         return True
 
     def _kinds(self) -> list[str]:

@@ -5,8 +5,14 @@ from __future__ import annotations
 from pydantic import Field
 
 from ..hub import push_run
-from . import register_stage
-from .base import Stage, StageContext, StageOptions, StageResult, check_repo_id
+from .base import (
+    Stage,
+    StageContext,
+    StageOptions,
+    StageResult,
+    check_repo_id,
+    register_stage,
+)
 
 
 class PushOptions(StageOptions):
