@@ -268,7 +268,7 @@ def test_onnx_variants_in_the_quantize_stage_are_evaluated_carded_and_a_failing_
                 {"backend": "onnx", "quantization": "int4"}]
     recipe = classification_recipe(teacher, reviews_csv, tmp_path / "run", stages=[
         {"quantize": {"variants": variants, "tolerance": 1.0, "calibration_samples": 32, "evaluate": FAST_EVAL}},
-        {"card": {}}])
+        {"card": {"model_cards_dir": str(tmp_path / "cards")}}])
     results = run(parse_recipe(recipe))
 
     metrics = results["stages"][0]["metrics"]
