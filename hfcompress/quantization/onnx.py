@@ -27,8 +27,7 @@ from .options import OnnxOptions
 
 logger = logging.getLogger(__name__)
 
-# The graph's nodes (names, shapes, exporter metadata) beside its weights: 361 kB for the quickstart's 3-block
-# student (238 nodes, torch.onnx dynamo export), about 120 kB per transformer block.
+# The graph's nodes (names, shapes, exporter metadata) beside its weights, per transformer block (docs/formats.md).
 GRAPH_BYTES_PER_BLOCK = 120_000
 _EXPORTS: dict[tuple, tuple[Path, int, object]] = {}  # (folder, class, newest file time) -> (graph, parameters, config)
 

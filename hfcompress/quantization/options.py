@@ -92,7 +92,7 @@ class OnnxOptions(_Variant):
     backend: Literal["onnx"]
     quantization: Literal["none", "int8-dynamic", "int8-static", "int4"] = "int8-dynamic"
     # Fuse attention, layer norms, GELU into ONNX Runtime's fused ops first. With int8-dynamic the fused Attention's
-    # weights stay float32: on the quickstart's student the unfused int8 graph was smaller and faster.
+    # weights stay float32, so an unfused int8 graph can be the smaller one (docs/formats.md).
     optimize: bool = True
     per_channel: bool = True  # int8: one weight scale per output channel (else one per matrix)
     calibration_batches: int = Field(8, ge=1)  # int8-static: training batches that set the activation ranges
