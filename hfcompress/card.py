@@ -320,7 +320,8 @@ def _results(run: Run, plot_file: str | None) -> str | None:
         + (f" ({examples} examples)" if examples else "") + f"; {speed_note}",
     ]
     if plot_file:
-        lines += ["", f"![Size on disk versus {metrics[0]} for every evaluated model]({plot_file})"]
+        versus = f"{metrics[0]} and versus batch-1 speed-up" if comparison else metrics[0]
+        lines += ["", f"![Size on disk versus {versus} for every evaluated model]({plot_file})"]
     return "## Results\n\n" + "\n".join(lines)
 
 
@@ -562,7 +563,8 @@ def write_model_card(run_dir: Path, model_cards_dir: Path, repo_id: str | None =
     plot_written = False
     for folder in targets:
         folder.mkdir(parents=True, exist_ok=True)
-        plot_written = plot_size_vs_quality(run.rows, _quality_metrics(run)[0], folder / PLOT_FILE) is not None
+        plot_written = plot_size_vs_quality(run.rows, _quality_metrics(run)[0], folder / PLOT_FILE,
+                                            run.results.latest_comparison()) is not None
     card = render_card(run, repo_id, PLOT_FILE if plot_written else None)
     for folder in targets:
         write_text(folder / CARD_FILE, str(card))

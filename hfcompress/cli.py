@@ -21,6 +21,7 @@ from .report import format_fidelity_table, format_table
 from .run_dir import RunDir
 from .search import search
 from .tasks import make_task
+from .verbosity import library_output
 
 EXIT_USAGE = 2
 
@@ -86,13 +87,17 @@ def build_parser() -> argparse.ArgumentParser:
                              "quantize stage ({backend: onnx, quantization: int8-static})")
     export.add_argument("--no-optimize", action="store_true", help="keep the graph unfused")
     export.add_argument("--output-dir", required=True)
+    for command in commands.choices.values():
+        command.add_argument("--verbose", action="store_true",
+                             help="also show the libraries' progress bars (datasets, transformers) and load reports")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        with library_output(args.verbose):
+            return COMMANDS[args.command](args)
     except HfCompressError as error:
         for line in str(error).splitlines():
             print(f"error: {line}", file=sys.stderr)

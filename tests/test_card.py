@@ -157,6 +157,7 @@ def test_speed_columns_come_from_the_comparison_pass_when_the_run_has_one(tmp_pa
     assert "| 6.0 ms (2.01× faster, IQR 1.95–2.08) | 99.0 (1.98×) |" in text  # the student row, not its 9.7 ms
     assert text.count("6.0 ms (2.01× faster") == 2  # int8 evaluated the same checkpoint: it shares the timing
     assert "timed round-robin (10 rounds" in text and "17.8 ms" not in text
+    assert f"![Size on disk versus accuracy and versus batch-1 speed-up for every evaluated model]({PLOT_FILE})" in text
 
     table = format_table(RunResults.model_validate(classification_results(stages=stages)))
     assert "faster x (IQR)" in table and "2.01 (1.95-2.08)" in table and "p95 ms" not in table

@@ -12,6 +12,7 @@ import onnx
 import pytest
 import torch
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
     BertConfig,
@@ -28,6 +29,7 @@ import hfcompress
 from hfcompress import run
 from hfcompress.errors import HfCompressError
 from hfcompress.evaluation import count_parameters
+from hfcompress.fileio import read_json
 from hfcompress.onnx import ORTModelForCausalLM, ORTModelForSequenceClassification, export_to_onnx, token_batch
 from hfcompress.onnx.quantize import logits_node
 from hfcompress.pruning import layer_shapes, needs_structure_record, prune_ffn, prune_heads, save_pruned
@@ -268,7 +270,7 @@ def test_onnx_variants_in_the_quantize_stage_are_evaluated_carded_and_a_failing_
                 {"backend": "onnx", "quantization": "int4"}]
     recipe = classification_recipe(teacher, reviews_csv, tmp_path / "run", stages=[
         {"quantize": {"variants": variants, "tolerance": 1.0, "calibration_samples": 32, "evaluate": FAST_EVAL}},
-        {"card": {}}])
+        {"card": {"model_cards_dir": str(tmp_path / "cards")}}])
     results = run(parse_recipe(recipe))
 
     metrics = results.stages[0].metrics
@@ -320,6 +322,18 @@ def test_onnx_usage_snippet_for_a_causal_lm_runs_with_onnxruntime_alone(export_f
 
 
 # ---- hfcompress export ----------------------------------------------------------------------------------------------
+
+
+def test_an_onnx_folder_of_a_pruned_model_names_no_file_it_does_not_ship(export_family):
+    pruned = export_family("pruned-bert")
+    source = pruned.folders["none"].parent / "source"
+    assert "auto_map" in read_json(source / "config.json")  # the torch checkpoint ships modeling_hfcompress.py
+    for folder in pruned.folders.values():
+        auto_map = read_json(folder / "config.json").get("auto_map", {})
+        named = {reference.split(".")[0] for reference in auto_map.values()}
+        assert all((folder / f"{module}.py").is_file() for module in named), named
+        assert AutoConfig.from_pretrained(folder, trust_remote_code=True).num_labels == 3
+    assert "auto_map" in pruned.in_memory["none"].config.to_dict()  # saving leaves the in-memory model alone
 
 
 def test_cli_exports_a_checkpoint_or_a_runs_final_one_and_refuses_quantized_ones(export_family, tmp_path, capsys):

@@ -9,6 +9,7 @@ A folder holds model.onnx, config.json (labels, vocabulary size) and, when hfcom
 
 from __future__ import annotations
 
+import copy
 import shutil
 from pathlib import Path
 
@@ -60,7 +61,10 @@ class ORTModel:
             target = folder / (MODEL_FILE + source.name[len(self.model_path.name):])
             if source.resolve() != target.resolve():
                 shutil.copyfile(source, target)
-        self.config.save_pretrained(folder)
+        config = copy.deepcopy(self.config)
+        if hasattr(config, "auto_map"):  # names the source's modeling code, which a graph folder does not ship
+            del config.auto_map
+        config.save_pretrained(folder)
 
     def __call__(self, input_ids=None, attention_mask=None, **inputs):
         feed = session_feed(self.input_names, {"input_ids": input_ids, "attention_mask": attention_mask, **inputs})

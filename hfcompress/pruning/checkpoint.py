@@ -103,7 +103,8 @@ class _HeldRecords(logging.Filter):
     def release(self) -> None:
         """Log the held records after all (the load went through and the report may matter)."""
         for record in self.records:
-            TRANSFORMERS_LOADING_LOGGER.handle(record)
+            if TRANSFORMERS_LOADING_LOGGER.isEnabledFor(record.levelno):  # handle() alone skips the level check
+                TRANSFORMERS_LOADING_LOGGER.handle(record)
 
 
 @contextmanager

@@ -43,8 +43,7 @@ from .registry import register_backend
 
 logger = logging.getLogger(__name__)
 
-# The graph's nodes (names, shapes, exporter metadata) beside its weights, per transformer block (torch.onnx dynamo
-# export); see docs/formats.md.
+# The graph's nodes (names, shapes, exporter metadata) beside its weights, per transformer block (docs/formats.md).
 GRAPH_BYTES_PER_BLOCK = 120_000
 _EXPORTS: dict[tuple, tuple[Path, int, object]] = {}  # (folder, class, newest file time) -> (graph, parameters, config)
 QUANTIZATION_NAMES = {"none": "onnx-fp32", "int8-dynamic": "onnx-int8", "int8-static": "onnx-int8-static",
@@ -57,7 +56,7 @@ class OnnxOptions(VariantOptions):
     backend: Literal["onnx"]
     quantization: Literal["none", "int8-dynamic", "int8-static", "int4"] = "int8-dynamic"
     # Fuse attention, layer norms, GELU into ONNX Runtime's fused ops first. With int8-dynamic the fused Attention's
-    # weights stay float32 (see docs/formats.md).
+    # weights stay float32, so an unfused int8 graph can be the smaller one (docs/formats.md).
     optimize: bool = True
     per_channel: bool = True  # int8: one weight scale per output channel (else one per matrix)
     calibration_batches: int = Field(8, ge=1)  # int8-static: training batches that set the activation ranges
