@@ -24,6 +24,7 @@ import torch
 from accelerate import Accelerator
 
 from .data import load_task_data, prepare_task_data, source_name
+from .distributed import main_process_alone
 from .fileio import write_json, write_text
 from .modeling import convert_gguf_checkpoint
 from .plan import format_plan, plan_recipe
@@ -137,7 +138,9 @@ class _Runner:
         self.recipe, self.run, self.accelerator = recipe, run_dir, accelerator
         self.task = make_task(recipe.task)
         self._data = None
-        self._data_by_vocabulary = {}
+        self._data_by_vocabulary = {}  # loaded by every process together: the same keys on every rank
+        self._solo_data = {}  # loaded by the main process alone, inside a main-process-only stage
+        self._solo = False  # a main-process-only stage is running: the other processes are not there to meet
         self._tokenizers = {}
         self.models: dict[str, ModelReference] = {"teacher": recipe.teacher}
         self.results = RunResults(name=recipe.name, teacher=recipe.teacher.name_or_path, task=_task_summary(recipe),
@@ -157,9 +160,17 @@ class _Runner:
         if vocabulary == self._data.tokenizer.get_vocab():
             return self._data
         key = _hash(sorted(vocabulary.items()))
-        if key not in self._data_by_vocabulary:
-            with self.accelerator.main_process_first():
-                self._data_by_vocabulary[key] = load_task_data(self.recipe.task, tokenizer, self.recipe.seed)
+        if key in self._data_by_vocabulary:
+            return self._data_by_vocabulary[key]
+        # A barrier must be reached as often on every rank: the main process alone never meets one, and what it
+        # loaded alone stays out of the shared cache, so a later stage of all processes misses it on every rank.
+        if self._solo:
+            if key not in self._solo_data:
+                self._solo_data[key] = load_task_data(self.recipe.task, tokenizer, self.recipe.seed)
+            return self._solo_data[key]
+        with self.accelerator.main_process_first():
+            data = self._solo_data.pop(key, None)
+            self._data_by_vocabulary[key] = data or load_task_data(self.recipe.task, tokenizer, self.recipe.seed)
         return self._data_by_vocabulary[key]
 
     def load_tokenizer(self, reference: ModelReference):
@@ -229,13 +240,18 @@ class _Runner:
             recipe=self.recipe, stage_id=stage_id, accelerator=accelerator, task=self.task, run_dir=self.run.path,
             out_dir=partial, model=current, models=dict(self.models), load_data=self.load_data,
             load_tokenizer=self.load_tokenizer,
-            rows=list(self.results.rows),
+            rows=list(self.results.rows), all_processes=not stage.main_process_only,
         )
         started = time.perf_counter()
         if stage.main_process_only and not accelerator.is_main_process:
             result = StageResult()
         else:
-            result = stage.run(ctx)
+            self._solo = stage.main_process_only and accelerator.num_processes > 1
+            try:
+                with main_process_alone(self._solo):
+                    result = stage.run(ctx)
+            finally:
+                self._solo = False
         accelerator.wait_for_everyone()
         record = StageRecord(
             id=stage_id, stage=stage.name, options=stage.options.model_dump(mode="json"), fingerprint=fingerprint,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -63,6 +64,7 @@ class StageContext:
     load_data: Callable[[ModelReference], Any]  # the task data, tokenized by that model's tokenizer
     load_tokenizer: Callable[[ModelReference], Any]
     rows: list[Row] = field(default_factory=list)  # every model evaluated before this stage
+    all_processes: bool = True  # False in a main-process-only stage: no barrier or collective may be reached
 
     @cached_property
     def data(self):
@@ -113,7 +115,16 @@ class StageContext:
     def save_model(self, model) -> None:
         if self.is_main_process:
             save_checkpoint(model, self.tokenizer, self.out_dir, self.accelerator)
-        self.accelerator.wait_for_everyone()
+        self.wait_for_everyone()
+
+    def wait_for_everyone(self) -> None:
+        """A barrier for the processes running this stage (none in a main-process-only stage)."""
+        if self.all_processes:
+            self.accelerator.wait_for_everyone()
+
+    def main_process_first(self):
+        """accelerate's `main_process_first`, or nothing in a main-process-only stage (no one to go first of)."""
+        return self.accelerator.main_process_first() if self.all_processes else contextlib.nullcontext()
 
 
 class Stage:

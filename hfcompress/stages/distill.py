@@ -190,7 +190,7 @@ class DistillStage(Stage):
         fingerprint = teacher_fingerprint(teacher, train_split._fingerprint, ctx.recipe.task.max_length, top_k)
         path = teacher_cache_dir() / f"{fingerprint}.safetensors"
         loader = ctx.data.dataloader("train", self.options.per_device_eval_batch_size)
-        with ctx.accelerator.main_process_first():
+        with ctx.main_process_first():
             cache = cached_teacher_logits(path, teacher, loader, top_k, fingerprint)
         logger.info("%s: teacher outputs cached in %s", ctx.stage_id, path)
         return cache
