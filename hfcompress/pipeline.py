@@ -39,11 +39,14 @@ from .timing import cpu_description
 logger = logging.getLogger("hfcompress")
 
 
-def run(recipe: Recipe, output_dir: str | Path | None = None) -> RunResults:
-    """Run a recipe end to end (or resume it) and return the run's results (complete on the main process)."""
+def run(recipe: Recipe, output_dir: str | Path | None = None, training_hooks: list | None = None) -> RunResults:
+    """Run a recipe end to end (or resume it) and return the run's results (complete on the main process).
+
+    `training_hooks`: `hfcompress.training.TrainingHook`s called by every training stage (after each step, ...).
+    """
     accelerator = make_accelerator(recipe.mixed_precision)
     run_dir = RunDir(output_dir if output_dir is not None else recipe.resolved_output_dir)
-    runner = _Runner(recipe, run_dir, accelerator)
+    runner = _Runner(recipe, run_dir, accelerator, training_hooks or [])
     data = runner.load_data()  # bad input (teacher, data, columns, labels) fails here, before anything is written
     planned = plan_recipe(recipe, data.label_names, data.tokenizer)  # so does an option no stage could carry out
     if accelerator.is_main_process:
@@ -134,8 +137,9 @@ def configure_logging(log_file: Path, is_main_process: bool) -> None:
 
 
 class _Runner:
-    def __init__(self, recipe: Recipe, run_dir: RunDir, accelerator: Accelerator):
+    def __init__(self, recipe: Recipe, run_dir: RunDir, accelerator: Accelerator, training_hooks: list):
         self.recipe, self.run, self.accelerator = recipe, run_dir, accelerator
+        self.training_hooks = training_hooks
         self.task = make_task(recipe.task)
         self._data = None
         self._data_by_vocabulary = {}  # loaded by every process together: the same keys on every rank
@@ -241,6 +245,7 @@ class _Runner:
             out_dir=partial, model=current, models=dict(self.models), load_data=self.load_data,
             load_tokenizer=self.load_tokenizer,
             rows=list(self.results.rows), all_processes=not stage.main_process_only,
+            training_hooks=self.training_hooks,
         )
         started = time.perf_counter()
         if stage.main_process_only and not accelerator.is_main_process:

@@ -3,6 +3,8 @@
 AdamW with linear warm-up/decay, epochs or max steps, gradient accumulation, mixed precision through the
 Accelerator, evaluation on the validation split each epoch or every N steps, the best weights kept, and the
 full training state checkpointed every `save_steps` so an interrupted stage resumes where it stopped.
+`TrainingHook`s run at fixed points (after every optimizer step: re-apply a mask, freeze, log, stop).
+Weights are gathered on every process before the main process writes them, so a sharded model saves whole.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pydantic import Field
 from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from .distributed import full_state_dict, load_full_state_dict
 from .fileio import read_json, write_json
 from .stages.base import StageContext, StageOptions
 
@@ -64,6 +67,27 @@ class TrainingState:
     best_step: int | None = None
     train_seconds: float = 0.0  # time in the training loop itself (no loading, caching, saving), across resumes
     history: list[dict] = field(default_factory=list)
+    last_losses: dict[str, float] = field(default_factory=dict)  # the last micro-batch's loss and its parts
+    should_stop: bool = False  # set by a hook: training ends after this step (on every process)
+
+
+class TrainingHook:
+    """Called by `train` at fixed points, on every process, with the unwrapped model (the parameters being
+    trained; DTensors when the model is sharded). Override what you need; names follow transformers'
+    `TrainerCallback`. Set `state.should_stop = True` to end training after the current step: one process
+    asking is enough, every process stops at the same step."""
+
+    def on_train_begin(self, state: TrainingState, model: torch.nn.Module) -> None:
+        """Before the first step (also when resuming)."""
+
+    def on_step_end(self, state: TrainingState, model: torch.nn.Module) -> None:
+        """After each optimizer step (`state.global_step` counts it; `state.last_losses` has its loss)."""
+
+    def on_evaluate(self, state: TrainingState, model: torch.nn.Module, metrics: dict[str, float]) -> None:
+        """After each evaluation on the validation split."""
+
+    def on_train_end(self, state: TrainingState, model: torch.nn.Module) -> None:
+        """After the last step, before the best weights are loaded back."""
 
 
 def train(
@@ -72,10 +96,12 @@ def train(
     options: TrainingOptions,
     compute_loss: LossFunction,
     extra_modules: list[torch.nn.Module] = (),
+    hooks: list[TrainingHook] = (),
 ) -> tuple[torch.nn.Module, TrainingState]:
     """Train `model` with `compute_loss(model, batch) -> (loss, parts)`; return the unwrapped best model and state.
 
-    `extra_modules` (e.g. distillation projections) are trained alongside and not saved with the model.
+    `extra_modules` (e.g. distillation projections) are trained alongside and not saved with the model. `hooks`
+    run after the run's own (`ctx.training_hooks`, given to `hfcompress.run`).
     """
     accelerator = ctx.accelerator
     accelerator.gradient_accumulation_steps = options.gradient_accumulation_steps
@@ -102,7 +128,8 @@ def train(
             num_training_steps=total_steps * accelerator.num_processes,
         )
     )
-    loop = _Loop(ctx, model, extra_modules, optimizer, scheduler, train_loader, eval_loader, options, compute_loss)
+    loop = _Loop(ctx, model, extra_modules, optimizer, scheduler, train_loader, eval_loader, options, compute_loss,
+                 [*ctx.training_hooks, *hooks])
     state = loop.run(total_steps)
     best = loop.finish(state)
     return best, state
@@ -119,8 +146,10 @@ def _parameter_groups(modules: list[torch.nn.Module], weight_decay: float) -> li
 
 
 class _Loop:
-    def __init__(self, ctx, model, extra_modules, optimizer, scheduler, train_loader, eval_loader, options, compute_loss):
+    def __init__(self, ctx, model, extra_modules, optimizer, scheduler, train_loader, eval_loader, options, compute_loss,
+                 hooks):
         self.ctx, self.accelerator = ctx, ctx.accelerator
+        self.hooks = hooks
         self.model, self.extra_modules = model, extra_modules
         self.optimizer, self.scheduler = optimizer, scheduler
         self.train_loader, self.eval_loader = train_loader, eval_loader
@@ -138,8 +167,9 @@ class _Loop:
         )
         parameters = [p for module in (self.model, *self.extra_modules) for p in module.parameters()]
         running: dict[str, float] = {}
+        self._call_hooks("on_train_begin", state)
         started = time.perf_counter()
-        while state.global_step < total_steps:
+        while state.global_step < total_steps and not state.should_stop:
             self.train_loader.set_epoch(state.epoch)
             batches = self.train_loader
             if state.batches_in_epoch:
@@ -164,6 +194,8 @@ class _Loop:
                 if not accelerator.sync_gradients:
                     continue
                 state.global_step += 1
+                state.last_losses = parts
+                self._call_hooks("on_step_end", state)
                 progress.update(1)
                 progress.set_postfix({k: f"{v:.4f}" for k, v in parts.items()}, refresh=False)
                 if state.global_step % options.logging_steps == 0:
@@ -175,7 +207,7 @@ class _Loop:
                     self._evaluate(state)
                 if options.save_steps and state.global_step % options.save_steps == 0:
                     self._checkpoint(state)
-                if state.global_step >= total_steps:
+                if state.global_step >= total_steps or state.should_stop:
                     break
             else:
                 state.epoch += 1
@@ -186,8 +218,19 @@ class _Loop:
         state.train_seconds += time.perf_counter() - started
         if options.eval_strategy != "no" and (not state.history or state.history[-1]["step"] != state.global_step):
             self._evaluate(state)
+        self._call_hooks("on_train_end", state)
         logger.info("%s trained %d steps in %.1f s", self.ctx.stage_id, state.global_step, state.train_seconds)
         return state
+
+    def _call_hooks(self, event: str, state: TrainingState, *args) -> None:
+        if not self.hooks:
+            return
+        model = self.accelerator.unwrap_model(self.model)
+        for hook in self.hooks:
+            getattr(hook, event)(state, model, *args)
+        if self.accelerator.num_processes > 1:  # one process asking to stop stops them all, at the same step
+            asked = torch.tensor([float(state.should_stop)], device=self.accelerator.device)
+            state.should_stop = bool(self.accelerator.reduce(asked, reduction="sum").item() > 0)
 
     def _average_extra_gradients(self) -> None:
         if self.accelerator.num_processes == 1:
@@ -205,8 +248,11 @@ class _Loop:
         logger.info("%s step %d validation: %s", self.ctx.stage_id, state.global_step, metrics)
         if self.task.is_better(score, state.best_metric):
             state.best_metric, state.best_step = score, state.global_step
-            if self.options.load_best_model_at_end and self.accelerator.is_main_process:
-                self.accelerator.save(self.accelerator.unwrap_model(self.model).state_dict(), self.best_path)
+            if self.options.load_best_model_at_end:
+                weights = full_state_dict(self.accelerator, self.model)  # every process: a sharded model is gathered
+                if self.accelerator.is_main_process:
+                    self.accelerator.save(weights, self.best_path)
+        self._call_hooks("on_evaluate", state, metrics)
         self.accelerator.wait_for_everyone()
 
     def _checkpoint(self, state: TrainingState) -> None:
@@ -234,7 +280,7 @@ class _Loop:
         self.accelerator.wait_for_everyone()
         model = self.accelerator.unwrap_model(self.model)
         if self.options.load_best_model_at_end and self.best_path.is_file():
-            model.load_state_dict(torch.load(self.best_path, map_location="cpu", weights_only=True))
+            load_full_state_dict(self.accelerator, model, self.best_path)
             logger.info("%s kept the best model: step %s, %s = %.4f", self.ctx.stage_id, state.best_step,
                         self.task.selection_metric, state.best_metric)
         self.accelerator.wait_for_everyone()

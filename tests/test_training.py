@@ -11,6 +11,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import hfcompress.stages.distill as distill
 from hfcompress import run
 from hfcompress.recipe import parse_recipe
+from hfcompress.training import TrainingHook
 
 from conftest import classification_recipe
 
@@ -90,3 +91,59 @@ def test_resume_mid_stage_gives_the_same_weights_as_a_straight_run(
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+
+
+class MaskFreezeAndRecord(TrainingHook):
+    """Zeroes the first rows of the classifier after every step (a pruning mask), freezes the word embeddings, and
+    records what it was called with."""
+
+    def __init__(self):
+        self.events = []
+
+    def on_train_begin(self, state, model):
+        self.events.append(("begin", state.global_step))
+        model.bert.embeddings.word_embeddings.weight.requires_grad_(False)
+
+    def on_step_end(self, state, model):
+        self.events.append(("step", state.global_step, sorted(state.last_losses)))
+        with torch.no_grad():
+            model.bert.pooler.dense.weight[:8] = 0
+
+    def on_evaluate(self, state, model, metrics):
+        self.events.append(("evaluate", state.global_step, "accuracy" in metrics))
+
+    def on_train_end(self, state, model):
+        self.events.append(("end", state.global_step))
+
+
+class StopAt(TrainingHook):
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, state, model):
+        state.should_stop = state.global_step >= self.step
+
+
+def test_hooks_run_after_every_optimizer_step_and_can_mask_freeze_and_stop(tmp_path, tiny_bert_dir, reviews_csv):
+    schedule = {**SCHEDULE, "save_steps": None, "max_steps": 4, "gradient_accumulation_steps": 2}
+    recipe = classification_recipe(tiny_bert_dir, reviews_csv, tmp_path / "run", stages=[{"finetune": schedule}])
+    hook = MaskFreezeAndRecord()
+    results = run(parse_recipe(recipe), training_hooks=[hook])
+    steps = [event[1] for event in hook.events if event[0] == "step"]
+    assert steps == [1, 2, 3, 4], "once per optimizer step, not per micro-batch"
+    assert [event[0] for event in hook.events] == ["begin", "step", "step", "step", "step", "evaluate", "end"]
+    assert all(event[2] == ["loss"] for event in hook.events if event[0] == "step")
+    assert ("evaluate", 4, True) in hook.events
+    assert results["stages"][0]["metrics"]["steps"] == 4
+
+    before = load_file(tiny_bert_dir / "model.safetensors")
+    after = load_file(tmp_path / "run" / "01-finetune" / "model.safetensors")
+    assert torch.equal(after["bert.pooler.dense.weight"][:8], torch.zeros(8, 32))
+    assert not torch.equal(after["bert.pooler.dense.weight"][8:], before["bert.pooler.dense.weight"][8:])
+    embedding = "bert.embeddings.word_embeddings.weight"
+    assert torch.equal(after[embedding], before[embedding]), "frozen by the hook"
+    assert not torch.equal(after["classifier.weight"], before["classifier.weight"])
+
+    stopped = run(parse_recipe({**recipe, "output_dir": str(tmp_path / "stopped")}), training_hooks=[StopAt(3)])
+    metrics = stopped["stages"][0]["metrics"]
+    assert metrics["steps"] == 3 and metrics["validation_history"][-1]["step"] == 3

@@ -15,6 +15,7 @@ from huggingface_hub.utils import validate_repo_id
 from pydantic import BaseModel, ConfigDict
 
 from ..data import batch_to_model_inputs, load_task_data
+from ..distributed import full_state_dict
 from ..errors import HfCompressError, first_line
 from ..modeling import load_model, save_checkpoint
 from ..recipe_schema import ModelReference, Recipe
@@ -65,6 +66,7 @@ class StageContext:
     load_tokenizer: Callable[[ModelReference], Any]
     rows: list[Row] = field(default_factory=list)  # every model evaluated before this stage
     all_processes: bool = True  # False in a main-process-only stage: no barrier or collective may be reached
+    training_hooks: list = field(default_factory=list)  # `hfcompress.training.TrainingHook`s for every training stage
 
     @cached_property
     def data(self):
@@ -113,8 +115,10 @@ class StageContext:
         return [batch_to_model_inputs(batch) for batch in batches]
 
     def save_model(self, model) -> None:
+        """Save the model whole, once: every process gathers its shards (when sharded), the main process writes."""
+        weights = full_state_dict(self.accelerator, model) if self.all_processes else None
         if self.is_main_process:
-            save_checkpoint(model, self.tokenizer, self.out_dir, self.accelerator)
+            save_checkpoint(model, self.tokenizer, self.out_dir, self.accelerator, state_dict=weights)
         self.wait_for_everyone()
 
     def wait_for_everyone(self) -> None:
