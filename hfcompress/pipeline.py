@@ -22,6 +22,7 @@ from pathlib import Path
 import datasets
 import torch
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 
 from .data import load_task_data, prepare_task_data, source_name
 from .distributed import main_process_alone
@@ -248,6 +249,9 @@ class _Runner:
             training_hooks=self.training_hooks,
         )
         started = time.perf_counter()
+        # Every stage starts from the recipe's seed, whatever ran before it in this process: a new task head, a
+        # student built from a config and its projections are the same in every run, resumed ones included.
+        set_seed(self.recipe.seed)
         if stage.main_process_only and not accelerator.is_main_process:
             result = StageResult()
         else:

@@ -251,7 +251,9 @@ class _Loop:
             if self.options.load_best_model_at_end:
                 weights = full_state_dict(self.accelerator, self.model)  # every process: a sharded model is gathered
                 if self.accelerator.is_main_process:
-                    self.accelerator.save(weights, self.best_path)
+                    scratch = self.best_path.with_name(BEST_WEIGHTS + ".saving")
+                    self.accelerator.save(weights, scratch)
+                    scratch.replace(self.best_path)
         self._call_hooks("on_evaluate", state, metrics)
         self.accelerator.wait_for_everyone()
 
@@ -261,6 +263,8 @@ class _Loop:
         self.accelerator.save_state(str(scratch))
         if self.accelerator.is_main_process:
             write_json(scratch / "trainer_state.json", asdict(state))
+            if self.best_path.is_file():  # the best weights as of this step go with the state that knows their step
+                shutil.copyfile(self.best_path, scratch / BEST_WEIGHTS)
         self.accelerator.wait_for_everyone()
         if self.accelerator.is_main_process:
             shutil.rmtree(self.state_dir, ignore_errors=True)
@@ -272,6 +276,11 @@ class _Loop:
             return TrainingState()
         self.accelerator.load_state(str(self.state_dir))
         state = TrainingState(**read_json(self.state_dir / "trainer_state.json"))
+        if self.accelerator.is_main_process:  # not best weights an evaluation after this checkpoint may have written
+            self.best_path.unlink(missing_ok=True)
+            if (self.state_dir / BEST_WEIGHTS).is_file():
+                shutil.copyfile(self.state_dir / BEST_WEIGHTS, self.best_path)
+        self.accelerator.wait_for_everyone()
         logger.info("%s resuming from step %d (epoch %d)", self.ctx.stage_id, state.global_step, state.epoch)
         return state
 

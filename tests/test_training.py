@@ -1,12 +1,13 @@
 """The shared training loop: an interrupted stage resumes from its last checkpoint and ends where a straight run
-ends, for fine-tuning an encoder and for distilling a causal LM."""
+ends, for fine-tuning an encoder (a new task head included) and for distilling a causal LM; two runs of one recipe
+give identical weights; hooks run after every optimizer step."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM
 
 import hfcompress.stages.distill as distill
 from hfcompress import run
@@ -31,6 +32,17 @@ def tiny_llama_dir(tmp_path_factory, tokenizer):
     return folder
 
 
+@pytest.fixture(scope="module")
+def headless_bert_dir(tmp_path_factory, tokenizer):
+    """A bare encoder (no classification head), as a Hub base model is: loading it for the task adds a new head."""
+    folder = tmp_path_factory.mktemp("headless")
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=64, max_position_embeddings=128)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def finetune_case(tiny_bert_dir, reviews_csv, tiny_llama_dir):
     def recipe(run_dir):
         return parse_recipe(classification_recipe(tiny_bert_dir, reviews_csv, run_dir, stages=[{"finetune": SCHEDULE}]))
@@ -48,10 +60,16 @@ def distill_case(tiny_bert_dir, reviews_csv, tiny_llama_dir):
     return recipe, "01-distill"
 
 
-@pytest.mark.parametrize("case", [finetune_case, distill_case], ids=["finetune-encoder", "distill-causal-lm"])
+def new_head_case(headless_bert_dir, reviews_csv, tiny_llama_dir):
+    return finetune_case(headless_bert_dir, reviews_csv, tiny_llama_dir)
+
+
+@pytest.mark.parametrize("case", [finetune_case, new_head_case, distill_case],
+                         ids=["finetune-encoder", "finetune-new-head", "distill-causal-lm"])
 def test_resume_mid_stage_gives_the_same_weights_as_a_straight_run(
-        tmp_path, tiny_bert_dir, reviews_csv, tiny_llama_dir, monkeypatch, case):
-    recipe_for, stage_id = case(tiny_bert_dir, reviews_csv, tiny_llama_dir)
+        tmp_path, tiny_bert_dir, headless_bert_dir, reviews_csv, tiny_llama_dir, monkeypatch, case):
+    teacher = headless_bert_dir if case is new_head_case else tiny_bert_dir
+    recipe_for, stage_id = case(teacher, reviews_csv, tiny_llama_dir)
     straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
     run(recipe_for(straight_dir))
 
@@ -91,6 +109,22 @@ def test_resume_mid_stage_gives_the_same_weights_as_a_straight_run(
     assert a.keys() == b.keys()
     for name in a:
         torch.testing.assert_close(a[name], b[name], rtol=0, atol=1e-6, msg=name)
+
+
+def test_two_runs_of_one_recipe_give_identical_weights(tmp_path, headless_bert_dir, reviews_csv):
+    """A new task head, a randomly initialised student and its hidden-state projection all come from the seed."""
+    narrow = {"num_hidden_layers": 1, "hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32}
+    stages = [{"finetune": {**SCHEDULE, "save_steps": None, "max_steps": 2}},
+              {"distill": {**SCHEDULE, "save_steps": None, "max_steps": 2, "cache_teacher_outputs": False,
+                           "student": {"config_overrides": narrow}, "loss": {"weights": {"kl": 1.0, "hidden_mse": 1.0}}}}]
+    for name in ("first", "second"):
+        run(parse_recipe(classification_recipe(headless_bert_dir, reviews_csv, tmp_path / name, stages=stages)))
+    for stage_id in ("01-finetune", "02-distill"):
+        first = load_file(tmp_path / "first" / stage_id / "model.safetensors")
+        second = load_file(tmp_path / "second" / stage_id / "model.safetensors")
+        assert first.keys() == second.keys()
+        for name in first:
+            assert torch.equal(first[name], second[name]), f"{stage_id}: {name}"
 
 
 class MaskFreezeAndRecord(TrainingHook):
