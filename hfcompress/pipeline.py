@@ -25,7 +25,14 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from .data import load_task_data, prepare_task_data, source_name
-from .distributed import main_process_alone
+from .distributed import (
+    DistributedOptions,
+    accelerator_kwargs,
+    check_world,
+    main_process_alone,
+    sharding_notes,
+    world_size,
+)
 from .fileio import write_json, write_text
 from .modeling import convert_gguf_checkpoint
 from .plan import format_plan, plan_recipe
@@ -45,7 +52,7 @@ def run(recipe: Recipe, output_dir: str | Path | None = None, training_hooks: li
 
     `training_hooks`: `hfcompress.training.TrainingHook`s called by every training stage (after each step, ...).
     """
-    accelerator = make_accelerator(recipe.mixed_precision)
+    accelerator = make_accelerator(recipe.mixed_precision, recipe.distributed)
     run_dir = RunDir(output_dir if output_dir is not None else recipe.resolved_output_dir)
     runner = _Runner(recipe, run_dir, accelerator, training_hooks or [])
     data = runner.load_data()  # bad input (teacher, data, columns, labels) fails here, before anything is written
@@ -87,6 +94,8 @@ def check_sources(recipe: Recipe) -> list[str]:
         data += "; classes " + ", ".join(f"{name!r} {count}" for name, count in report.class_counts.items())
     lines.append(data)
     lines += [f"note: {line}" for line in report.notes] + [f"warning: {line}" for line in report.warnings]
+    lines += sharding_notes(recipe.distributed, [(stage_id, get_stage_class(entry.name))
+                                                 for stage_id, entry in zip(recipe.stage_ids(), recipe.stages)])
     for stage_id, entry in zip(recipe.stage_ids(), recipe.stages):
         evaluate_options = getattr(entry.options, "evaluate", entry.options)  # quantize evaluates its variants
         for index, extra in enumerate(getattr(evaluate_options, "extra_datasets", [])):
@@ -102,21 +111,25 @@ def log_data_report(report) -> None:
         logger.warning("data: %s", line)
 
 
-def make_accelerator(mixed_precision: str) -> Accelerator:
-    """bf16 or fp16 where the GPU supports it under "auto"; a launcher's --mixed_precision wins.
+def make_accelerator(mixed_precision: str, distributed: DistributedOptions | None = None) -> Accelerator:
+    """bf16 or fp16 where the GPU supports it under "auto" (not fp16 for FSDP); a launcher's --mixed_precision wins.
 
     Without a GPU, several processes (torchrun, accelerate launch) form a CPU world over gloo: accelerate only
-    does that when asked for the CPU explicitly.
+    does that when asked for the CPU explicitly. A launch of several processes that accelerate sees as one is an
+    error (every process would be the main process).
     """
     if mixed_precision == "auto":
         if os.environ.get("ACCELERATE_MIXED_PRECISION"):
             mixed_precision = None
         elif torch.cuda.is_available():
-            mixed_precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            fsdp = distributed is not None and distributed.strategy == "fsdp"
+            mixed_precision = "bf16" if torch.cuda.is_bf16_supported() else "no" if fsdp else "fp16"
         else:
             mixed_precision = "no"
-    several_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(mixed_precision=mixed_precision, cpu=several_processes and not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=world_size() > 1 and not torch.cuda.is_available(),
+                              **accelerator_kwargs(distributed))
+    check_world(accelerator)
+    return accelerator
 
 
 def configure_logging(log_file: Path, is_main_process: bool) -> None:

@@ -3,6 +3,7 @@ call (barriers included) with the hfcompress line that made it (test helper).
 
 Used under torchrun: each rank writes what it touched to $AUDIT_DIR/rank<RANK>.json and its collectives to
 $AUDIT_DIR/collectives<RANK>.json at exit. Ranks that leave together made the same sequence of collectives.
+With $INTERRUPT_AT=<stage id>:<step>, every rank stops dead after that optimizer step (a killed run).
 """
 
 import atexit
@@ -68,6 +69,33 @@ for _name in COLLECTIVES:
 sys.addaudithook(_hook)
 atexit.register(_report)
 
+import hfcompress.training  # noqa: E402
 from hfcompress.cli import main  # noqa: E402
+
+
+class Interrupt(hfcompress.training.TrainingHook):
+    def __init__(self, stage_id, step, ctx):
+        self.stage_id, self.step, self.ctx = stage_id, int(step), ctx
+
+    def on_step_end(self, state, model):
+        if self.ctx.stage_id == self.stage_id and state.global_step == self.step:
+            _report()
+            os._exit(3)  # no cleanup, like a kill
+
+
+def _interrupting(train):
+    @functools.wraps(train)
+    def wrapper(ctx, *args, **kwargs):
+        stage_id, step = os.environ["INTERRUPT_AT"].split(":")
+        return train(ctx, *args, hooks=[*kwargs.pop("hooks", []), Interrupt(stage_id, step, ctx)], **kwargs)
+    return wrapper
+
+
+if os.environ.get("INTERRUPT_AT"):
+    import hfcompress.stages.distill
+    import hfcompress.stages.finetune
+
+    for module in (hfcompress.stages.finetune, hfcompress.stages.distill):
+        module.train = _interrupting(module.train)
 
 sys.exit(main(sys.argv[1:]))

@@ -16,9 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from safetensors.torch import load_file
+from transformers import AutoModelForSequenceClassification, LlamaConfig, LlamaForCausalLM
 
-from conftest import HAMLET, classification_recipe, write_recipe
+from hfcompress import run
+from hfcompress.recipe import parse_recipe
+
+from conftest import HAMLET, classification_recipe, save_tiny_bert, write_recipe
 
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent))
 ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent))
@@ -34,6 +38,7 @@ class Launch:
     run_dir: Path
     writes: list[list]  # per rank: (event, path) under the run folder
     collectives: list[list]  # per rank: (collective, the hfcompress line that called it)
+    checkpoint: list[str] | None = None  # a killed launch: the files of the training state it left
 
     @property
     def results(self) -> dict:
@@ -44,7 +49,7 @@ def launch(tmp_path: Path, recipe: dict, processes: int = 2, env: dict | None = 
     """`torchrun -m hfcompress run` of `recipe` through tests/audit_writes.py, which records each rank's writes and
     collective calls."""
     run_dir, audit_dir = Path(recipe["output_dir"]), tmp_path / "audit"
-    audit_dir.mkdir(exist_ok=True)
+    audit_dir.mkdir(parents=True, exist_ok=True)
     recipe_path = write_recipe(tmp_path / "recipe.yaml", recipe)
     env = {**os.environ, "RUN_DIR": str(run_dir), "AUDIT_DIR": str(audit_dir), "OMP_NUM_THREADS": "1", **(env or {})}
     result = subprocess.run(
@@ -137,8 +142,9 @@ def test_quickstart_stages_results(quickstart_launch):
 
 @pytest.fixture(scope="module")
 def causal_lm_launch(tmp_path_factory, bpe_tokenizer) -> Launch:
-    """The SmolLM2 recipe's stages on a 3-block Llama: evaluate, drop a block, heal by distillation from cached top-k
-    teacher logits, evaluate, quantize with bitsandbytes, quanto, GPTQ, round-to-nearest and GGUF, compare, card."""
+    """The SmolLM2 recipe's stages on a 3-block Llama, trained sharded (FSDP): evaluate, drop a block, heal by
+    distillation from cached top-k logits of the sharded teacher, evaluate, quantize with bitsandbytes, quanto,
+    GPTQ, round-to-nearest and GGUF, compare, card."""
     tmp_path = tmp_path_factory.mktemp("causal-lm")
     teacher, run_dir = tmp_path / "llama", tmp_path / "run"
     torch.manual_seed(0)
@@ -150,6 +156,7 @@ def causal_lm_launch(tmp_path_factory, bpe_tokenizer) -> Launch:
     evaluate = {**FAST_EVALUATE, "per_device_eval_batch_size": 4}
     recipe = {
         "name": "tiny-lm", "seed": 0, "teacher": str(teacher), "output_dir": str(run_dir),
+        "distributed": {"strategy": "fsdp"},
         "task": {"type": "causal-lm", "dataset": {"path": "text", "data_files": HAMLET}, "max_length": 32,
                  "max_train_samples": 64, "max_eval_samples": 8, "splits": {"validation_size": 0.05, "test_size": 0.05}},
         "stages": [
@@ -190,7 +197,100 @@ def test_causal_lm_stages_results(causal_lm_launch):
         "teacher", "healed", "05-quantize/bnb-nf4", "05-quantize/bnb-int8", "05-quantize/quanto-int4-g32",
         "05-quantize/gptq-int4-g32-mse", "05-quantize/rtn-int4-g32", "05-quantize/gguf-q8_0"]
     assert all(row["metrics"]["perplexity"] > 1 for row in results["rows"])
-    assert results["stages"][2]["metrics"]["steps"] == 3
+    healing = results["stages"][2]["metrics"]
+    assert healing["steps"] == 3 and healing["distributed"] == "fsdp"
+    assert [entry["step"] for entry in healing["validation_history"]] == [3]
+
+
+# ------------------------------------------------------- FSDP: sharded training matches one process, and resumes
+
+
+@pytest.fixture(scope="module")
+def fsdp_runs(tmp_path_factory, tokenizer, reviews_csv):
+    """The same finetune and distillations (a sharded teacher's cached outputs; a live teacher, a narrower student
+    and its projection) run by two FSDP processes with batches of 8, killed after step 5 of the finetune
+    (checkpointed at step 3) and resumed, and by one process accumulating two batches of 8 per step. No dropout:
+    both runs see the same examples in every step and should differ only in how floats are summed."""
+    tmp_path = tmp_path_factory.mktemp("fsdp")
+    teacher = save_tiny_bert(tmp_path / "teacher", tokenizer, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    narrow = {"num_hidden_layers": 1, "hidden_size": 16, "num_attention_heads": 2, "intermediate_size": 32}
+    schedule = {"per_device_train_batch_size": 8, "learning_rate": 1e-3, "logging_steps": 1, "eval_strategy": "no"}
+    stages = [
+        {"finetune": {**schedule, "max_steps": 6, "save_steps": 3, "eval_strategy": "steps", "eval_steps": 3}},
+        {"distill": {**schedule, "max_steps": 3, "student": {"num_layers": 1}}},
+        {"distill": {**schedule, "max_steps": 3, "teacher": "01-finetune", "cache_teacher_outputs": False,
+                     "student": {"config_overrides": narrow}, "loss": {"weights": {"kl": 1.0, "hidden_mse": 1.0}}}},
+    ]
+    sharded = classification_recipe(teacher, reviews_csv, tmp_path / "fsdp" / "run", stages=stages)
+    sharded["distributed"] = {"strategy": "fsdp"}
+    killed = launch(tmp_path / "fsdp", sharded, env={"INTERRUPT_AT": "01-finetune:5"})
+    state = killed.run_dir / ".01-finetune.partial" / "training_state"
+    killed.checkpoint = sorted(path.relative_to(state).as_posix() for path in state.rglob("*") if path.is_file())
+    resumed = launch(tmp_path / "fsdp", sharded)
+    one_process = classification_recipe(teacher, reviews_csv, tmp_path / "single", stages=stages)
+    for entry in one_process["stages"]:  # each step: the two batches the two processes take, one after the other
+        next(iter(entry.values()))["gradient_accumulation_steps"] = 2
+    return killed, resumed, run(parse_recipe(one_process)), tmp_path / "single"
+
+
+@needs_torchrun
+def test_fsdp_run_killed_mid_stage_resumes_from_its_sharded_state(fsdp_runs):
+    killed, resumed, _, _ = fsdp_runs
+    assert killed.result.returncode != 0
+    assert {"sharded/.metadata", "sharded/__0_0.distcp", "sharded/__1_0.distcp", "trainer_state.json"} <= set(
+        killed.checkpoint)
+    assert not any("model.safetensors" in name or name.startswith("optimizer") for name in killed.checkpoint), \
+        "weights and optimizer state are saved sharded only"
+    assert_ranks_left_together(resumed)
+    assert "01-finetune resuming from step 3" in resumed.result.stderr
+    assert resumed.results["stages"][0]["metrics"]["distributed"] == "fsdp"
+
+
+@needs_torchrun
+def test_fsdp_losses_and_weights_match_one_process(fsdp_runs):
+    _, resumed, single, single_dir = fsdp_runs
+    sharded = resumed.results
+    for ours, theirs in zip(sharded["stages"], single["stages"]):
+        assert [entry["step"] for entry in ours["metrics"]["train_loss_history"]] == list(range(1, ours["metrics"]["steps"] + 1))
+        for a, b in zip(ours["metrics"]["train_loss_history"], theirs["metrics"]["train_loss_history"]):
+            assert a.keys() == b.keys()
+            for name in a:
+                assert a[name] == pytest.approx(b[name], abs=2e-5), (ours["id"], a["step"], name)
+        weights_a = load_file(resumed.run_dir / ours["id"] / "model.safetensors")
+        weights_b = load_file(single_dir / theirs["id"] / "model.safetensors")
+        assert weights_a.keys() == weights_b.keys()
+        for name in weights_a:
+            torch.testing.assert_close(weights_a[name], weights_b[name], rtol=0, atol=5e-5, msg=f"{ours['id']}: {name}")
+    validation = [entry["validation"]["accuracy"] for entry in sharded["stages"][0]["metrics"]["validation_history"]]
+    assert validation == [entry["validation"]["accuracy"] for entry in single["stages"][0]["metrics"]["validation_history"]]
+
+
+@needs_torchrun
+def test_fsdp_checkpoint_loads_with_plain_from_pretrained(fsdp_runs, tokenizer):
+    _, resumed, _, single_dir = fsdp_runs
+    inputs = tokenizer(["a gripping, funny film", "dull and far too long"], padding=True, return_tensors="pt")
+    for stage_id in ("01-finetune", "03-distill"):
+        ours = AutoModelForSequenceClassification.from_pretrained(resumed.run_dir / stage_id).eval()
+        theirs = AutoModelForSequenceClassification.from_pretrained(single_dir / stage_id).eval()
+        assert type(ours).__name__ == "BertForSequenceClassification"
+        with torch.no_grad():
+            torch.testing.assert_close(ours(**inputs).logits, theirs(**inputs).logits, rtol=0, atol=1e-4)
+
+
+@needs_torchrun
+def test_fsdp_shards_weights_and_optimizer_state_and_only_rank0_writes_the_model(fsdp_runs):
+    _, resumed, single, _ = fsdp_runs
+    for ours, theirs in zip(resumed.results["stages"], single["stages"]):
+        sharded, whole = ours["metrics"]["memory_per_process"], theirs["metrics"]["memory_per_process"]
+        for name in ("parameter_bytes", "optimizer_state_bytes"):
+            assert sharded[name] < 0.55 * whole[name], (ours["id"], name)  # half, plus uneven shards' padding
+    live_teacher = resumed.results["stages"][2]["metrics"]["memory_per_process"]["teacher_parameter_bytes"]
+    assert 0 < live_teacher < 0.55 * single["stages"][2]["metrics"]["memory_per_process"]["teacher_parameter_bytes"]
+    # Rank 1 writes nothing but its own shard of the training state (and the folder it goes in).
+    own_shard = [[event, path] for event, path in resumed.writes[1] if "training_state.saving" in path]
+    assert resumed.writes[1] == own_shard
+    assert any(path.endswith("__1_0.distcp") for _, path in own_shard)
+    assert not any(path.endswith("__0_0.distcp") or "model.safetensors" in path for _, path in resumed.writes[1])
 
 
 # ----------------------------------------------------------------------------------------------- accelerate launch
