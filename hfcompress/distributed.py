@@ -71,9 +71,9 @@ def world_size() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def check_world(accelerator) -> None:
-    """A launch of N processes that accelerate sees as one would be N independent runs, all rank 0, writing the same
-    files: an error, not a run."""
+def check_world(accelerator, options: DistributedOptions | None) -> None:
+    """A launch that would silently run as something else is an error, not a run: N processes that accelerate sees
+    as fewer (N independent runs, all rank 0, writing the same files), or DeepSpeed asked for and plain DDP given."""
     launched = world_size()
     if launched > 1 and accelerator.num_processes != launched:
         raise HfCompressError(
@@ -81,6 +81,12 @@ def check_world(accelerator) -> None:
             f"{accelerator.num_processes} ({accelerator.distributed_type}): every process would run alone as the main "
             "process. Launch with torchrun, or accelerate launch with a config whose distributed type matches the "
             "machine (on CPU: --cpu or MULTI_CPU; FSDP on CPU: the recipe's `distributed: {strategy: fsdp}`)")
+    deepspeed = options is not None and options.strategy == "deepspeed"
+    if deepspeed and launched > 1 and accelerator.distributed_type != DistributedType.DEEPSPEED:
+        raise HfCompressError(
+            f"distributed.strategy: deepspeed, but accelerate runs {accelerator.distributed_type} (it enables DeepSpeed "
+            "only on GPUs, with the deepspeed package installed): this launch would train as DDP. Use strategy fsdp "
+            "on CPU")
 
 
 def shards_itself(options: DistributedOptions | None, accelerator) -> bool:
@@ -89,6 +95,11 @@ def shards_itself(options: DistributedOptions | None, accelerator) -> bool:
     asked = (options is not None and options.strategy == "fsdp") or \
         os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true"
     return asked and accelerator.num_processes > 1 and accelerator.distributed_type != DistributedType.FSDP
+
+
+def training_is_sharded(options: DistributedOptions | None, accelerator) -> bool:
+    """FSDP, applied by hfcompress or by accelerate's own FSDP launch config."""
+    return shards_itself(options, accelerator) or accelerator.distributed_type == DistributedType.FSDP
 
 
 def strategy_name(options: DistributedOptions | None, accelerator) -> str:
@@ -102,11 +113,12 @@ def strategy_name(options: DistributedOptions | None, accelerator) -> str:
     return "fsdp" if shards_itself(options, accelerator) else "ddp"
 
 
-def shard(model: torch.nn.Module, accelerator, options: DistributedOptions) -> torch.nn.Module:
+def shard(model: torch.nn.Module, accelerator, options: DistributedOptions | None) -> torch.nn.Module:
     """FSDP2 in place: every transformer block (the classes transformers keeps whole, `_no_split_modules`, that sit
     in a ModuleList: the same units accelerate's FSDP wraps), then the rest of the model (embeddings, heads) as
     the root unit. Mixed precision follows the accelerator: weights gathered in bf16/fp16, gradients reduced in
     fp32."""
+    options = options or DistributedOptions()
     param_dtype = PRECISIONS.get(accelerator.mixed_precision)
     settings = {"reshard_after_forward": options.reshard_after_forward,
                 "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)}

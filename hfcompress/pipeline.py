@@ -128,7 +128,7 @@ def make_accelerator(mixed_precision: str, distributed: DistributedOptions | Non
             mixed_precision = "no"
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=world_size() > 1 and not torch.cuda.is_available(),
                               **accelerator_kwargs(distributed))
-    check_world(accelerator)
+    check_world(accelerator, distributed)
     return accelerator
 
 

@@ -24,6 +24,7 @@ from hfcompress.recipe import parse_recipe
 
 from conftest import HAMLET, classification_recipe, save_tiny_bert, write_recipe
 
+ROOT = Path(__file__).resolve().parent.parent
 TORCHRUN = shutil.which("torchrun", path=str(Path(sys.executable).parent))
 ACCELERATE = shutil.which("accelerate", path=str(Path(sys.executable).parent))
 needs_torchrun = pytest.mark.skipif(TORCHRUN is None, reason="torchrun not installed")
@@ -297,14 +298,20 @@ def test_fsdp_shards_weights_and_optimizer_state_and_only_rank0_writes_the_model
 
 
 @pytest.mark.skipif(ACCELERATE is None, reason="accelerate CLI not installed")
-def test_accelerate_launch_runs_the_module(tmp_path, tiny_bert_dir, reviews_csv):
+def test_accelerate_launch_with_the_shipped_fsdp_config_shards_on_cpu(tmp_path, tiny_bert_dir, reviews_csv):
+    """accelerate's own FSDP2 config file: accelerate does not shard on CPU, hfcompress does (a plain DDP run, or two
+    independent rank-0 runs, would be the silent alternatives)."""
     run_dir = tmp_path / "run"
-    recipe = classification_recipe(tiny_bert_dir, reviews_csv, run_dir, stages=[{"finetune": {"max_steps": 2}}])
+    recipe = classification_recipe(tiny_bert_dir, reviews_csv, run_dir, stages=[
+        {"finetune": {"max_steps": 2, "per_device_train_batch_size": 8, "eval_strategy": "no"}}])
     recipe_path = write_recipe(tmp_path / "recipe.yaml", recipe)
     result = subprocess.run(
-        [ACCELERATE, "launch", "--cpu", "--num_processes", "1", "--num_machines", "1", "--mixed_precision", "no",
-         "--dynamo_backend", "no", "-m", "hfcompress", "run", str(recipe_path)],
-        capture_output=True, text=True, timeout=600,
+        [ACCELERATE, "launch", "--config_file", str(ROOT / "recipes" / "accelerate" / "fsdp2.yaml"),
+         "--mixed_precision", "no", "-m", "hfcompress", "run", str(recipe_path)],
+        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     assert result.returncode == 0, result.stderr[-3000:]
-    assert json.loads((run_dir / "results.json").read_text())["stages"][0]["metrics"]["steps"] == 2
+    metrics = json.loads((run_dir / "results.json").read_text())["stages"][0]["metrics"]
+    assert metrics["steps"] == 2 and metrics["distributed"] == "fsdp"
+    whole = sum(p.numel() * 4 for p in AutoModelForSequenceClassification.from_pretrained(run_dir / "01-finetune").parameters())
+    assert metrics["memory_per_process"]["parameter_bytes"] < 0.55 * whole

@@ -30,7 +30,7 @@ from ..distillation import (
     teacher_for_student,
     uniform_layer_map,
 )
-from ..distributed import local_bytes, shard, shards_itself
+from ..distributed import DistributedOptions, local_bytes, shard, training_is_sharded
 from ..errors import HfCompressError
 from ..recipe_schema import ModelReference, StrictModel
 from ..sources import load_config, load_tokenizer, resolve_model_reference
@@ -113,9 +113,10 @@ class DistillStage(Stage):
         fingerprint = self._cache_fingerprint(ctx, teacher) if cached else None  # from the whole weights
         # Under FSDP the teacher is sharded like the student: each process holds 1/N of it, and all of them run
         # every teacher forward together (live, or once over the training set to fill the cache).
-        teacher_sharded = shards_itself(ctx.recipe.distributed, ctx.accelerator) and ctx.recipe.distributed.shard_teacher
+        distributed = ctx.recipe.distributed or DistributedOptions()
+        teacher_sharded = training_is_sharded(distributed, ctx.accelerator) and distributed.shard_teacher
         if teacher_sharded:
-            shard(teacher, ctx.accelerator, ctx.recipe.distributed)
+            shard(teacher, ctx.accelerator, distributed)
         teacher_bytes = local_bytes(teacher.parameters())
         if cached:
             compute_loss = distillation_compute_loss(
