@@ -96,13 +96,12 @@ def run_configuration(name: str, work: Path, args) -> dict:
 
 
 def report(measured: dict, args) -> str:
+    scored = f"the first {args.max_eval_samples} test examples" if args.max_eval_samples else "the whole test split"
     lines = [f"machine: {cpu_description()}, {os.cpu_count()} cores, shared with other jobs (wall times are "
              "indicative only)",
              f"scaled-down quickstart: MiniLM-L6 finetune {args.finetune_steps} steps, distill to 3 layers "
              f"{args.distill_steps} steps (cached teacher outputs), {args.max_train_samples} training examples, "
-             "32 examples per optimizer step in every configuration; accuracy on "
-             + (f"the first {args.max_eval_samples} test examples" if args.max_eval_samples else "the whole test split"),
-             ""]
+             f"32 examples per optimizer step in every configuration; accuracy on {scored}", ""]
     labels = list(next(iter(measured.values()))["accuracy"])
     lines.append(f"{'configuration':14s} " + " ".join(f"{label + ' acc':>16s}" for label in labels)
                  + f" {'wall s':>7s}")

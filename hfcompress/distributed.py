@@ -120,8 +120,8 @@ def shard(model: torch.nn.Module, accelerator, options: DistributedOptions | Non
     fp32."""
     options = options or DistributedOptions()
     param_dtype = PRECISIONS.get(accelerator.mixed_precision)
-    settings = {"reshard_after_forward": options.reshard_after_forward,
-                "mp_policy": MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)}
+    precision = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
+    settings = {"reshard_after_forward": options.reshard_after_forward, "mp_policy": precision}
     model.to(accelerator.device)
     for block in transformer_blocks(model):
         fully_shard(block, **settings)

@@ -130,7 +130,8 @@ def train(
     # on the device, and their gradients are averaged across processes by hand (see _Loop.run).
     for module in extra_modules:
         module.to(accelerator.device)
-    optimizer = torch.optim.AdamW(_parameter_groups([model, *extra_modules], options.weight_decay), lr=options.learning_rate)
+    optimizer = torch.optim.AdamW(_parameter_groups([model, *extra_modules], options.weight_decay),
+                                  lr=options.learning_rate)
     if sharded:  # the model is already distributed, and its optimizer state is saved sharded, not by accelerate
         train_loader, eval_loader = accelerator.prepare(train_loader, eval_loader)
     else:
@@ -175,8 +176,8 @@ class _MemoryProbe(TrainingHook):
 
 
 class _Loop:
-    def __init__(self, ctx, model, extra_modules, optimizer, scheduler, train_loader, eval_loader, options, compute_loss,
-                 hooks, sharded):
+    def __init__(self, ctx, model, extra_modules, optimizer, scheduler, train_loader, eval_loader, options,
+                 compute_loss, hooks, sharded):
         self.ctx, self.accelerator = ctx, ctx.accelerator
         self.sharded = sharded
         self.hooks = hooks

@@ -55,7 +55,8 @@ def test_fsdp_refuses_fp16(tiny_bert_dir, reviews_csv, tmp_path):
 
 def test_validate_says_which_stages_run_unsharded(tiny_bert_dir, reviews_csv, tmp_path):
     stages = [{"finetune": {"max_steps": 2}}, {"evaluate": {}}, {"prune": {"ffn": {"sparsity": 0.25}}},
-              {"distill": {"teacher": "01-finetune", "max_steps": 2}}, {"quantize": {"variants": [{"backend": "half"}]}}]
+              {"distill": {"teacher": "01-finetune", "max_steps": 2}},
+              {"quantize": {"variants": [{"backend": "half"}]}}]
     recipe = classification_recipe(tiny_bert_dir, reviews_csv, tmp_path, stages=stages)
     assert not [line for line in check_sources(parse_recipe(recipe)) if "fsdp" in line]
     lines = check_sources(parse_recipe({**recipe, "distributed": {"strategy": "fsdp"}}))

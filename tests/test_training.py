@@ -168,7 +168,7 @@ def test_hooks_run_after_every_optimizer_step_and_can_mask_freeze_and_stop(tmp_p
     assert [event[0] for event in hook.events] == ["begin", "step", "step", "step", "step", "evaluate", "end"]
     assert all(event[2] == ["loss"] for event in hook.events if event[0] == "step")
     assert ("evaluate", 4, True) in hook.events
-    assert results["stages"][0]["metrics"]["steps"] == 4
+    assert results.stages[0].metrics["steps"] == 4
 
     before = load_file(tiny_bert_dir / "model.safetensors")
     after = load_file(tmp_path / "run" / "01-finetune" / "model.safetensors")
@@ -179,5 +179,5 @@ def test_hooks_run_after_every_optimizer_step_and_can_mask_freeze_and_stop(tmp_p
     assert not torch.equal(after["classifier.weight"], before["classifier.weight"])
 
     stopped = run(parse_recipe({**recipe, "output_dir": str(tmp_path / "stopped")}), training_hooks=[StopAt(3)])
-    metrics = stopped["stages"][0]["metrics"]
+    metrics = stopped.stages[0].metrics
     assert metrics["steps"] == 3 and metrics["validation_history"][-1]["step"] == 3
