@@ -173,12 +173,13 @@ class Recipe(StrictModel):
     _source: str = PrivateAttr("<recipe>")
     _yaml_root: Any = PrivateAttr(None)
 
-    @model_validator(mode="after")
-    def _sharding_precision(self):
-        if self.distributed and self.distributed.strategy == "fsdp" and self.mixed_precision == "fp16":
-            raise ValueError("distributed.strategy fsdp trains in bf16 or fp32: fp16's loss scaling is not applied to "
-                             "sharded gradients here (use mixed_precision: bf16 or no)")
-        return self
+    @field_validator("distributed")
+    @classmethod
+    def _sharding_precision(cls, distributed, info):
+        if distributed and distributed.strategy == "fsdp" and info.data.get("mixed_precision") == "fp16":
+            raise ValueError("strategy fsdp trains in bf16 or fp32: fp16's loss scaling is not applied to sharded "
+                             "gradients here (use mixed_precision: bf16 or no)")
+        return distributed
 
     def problem(self, loc: tuple, message: str) -> RecipeError:
         """A one-line `file:line: key.path: problem` error about the value at `loc` (a key path as a tuple)."""
