@@ -115,6 +115,10 @@ def train(
     run after the run's own (`ctx.training_hooks`, given to `hfcompress.run`).
     """
     accelerator = ctx.accelerator
+    # One accelerator serves every stage of a run: forget the models, optimizers and loaders an earlier training
+    # stage prepared, or this stage's checkpoint would hold them too and a resumed run (which skips that stage)
+    # would load their weights into this model.
+    accelerator.free_memory()
     accelerator.gradient_accumulation_steps = options.gradient_accumulation_steps
     seed = ctx.recipe.seed if options.seed is None else options.seed
     set_seed(seed)

@@ -46,7 +46,7 @@ def headless_bert_dir(tmp_path_factory, tokenizer):
 def finetune_case(tiny_bert_dir, reviews_csv, tiny_llama_dir):
     def recipe(run_dir):
         return parse_recipe(classification_recipe(tiny_bert_dir, reviews_csv, run_dir, stages=[{"finetune": SCHEDULE}]))
-    return recipe, "01-finetune"
+    return recipe, "01-finetune", 0
 
 
 def distill_case(tiny_bert_dir, reviews_csv, tiny_llama_dir):
@@ -57,19 +57,28 @@ def distill_case(tiny_bert_dir, reviews_csv, tiny_llama_dir):
                      "max_length": 32, "max_train_samples": 80, "max_eval_samples": 8},
             "stages": [{"distill": {**SCHEDULE, "student": {"num_layers": 1}, "cache_top_k": 16}}],
         })
-    return recipe, "01-distill"
+    return recipe, "01-distill", 0
+
+
+def second_stage_case(tiny_bert_dir, reviews_csv, tiny_llama_dir):
+    """Killed in the second training stage: the first one's model and optimizer are no part of its checkpoint."""
+    stages = [{"finetune": SCHEDULE}, {"distill": {**SCHEDULE, "student": {"num_layers": 1}}}]
+
+    def recipe(run_dir):
+        return parse_recipe(classification_recipe(tiny_bert_dir, reviews_csv, run_dir, stages=stages))
+    return recipe, "02-distill", SCHEDULE["max_steps"]
 
 
 def new_head_case(headless_bert_dir, reviews_csv, tiny_llama_dir):
     return finetune_case(headless_bert_dir, reviews_csv, tiny_llama_dir)
 
 
-@pytest.mark.parametrize("case", [finetune_case, new_head_case, distill_case],
-                         ids=["finetune-encoder", "finetune-new-head", "distill-causal-lm"])
+@pytest.mark.parametrize("case", [finetune_case, new_head_case, distill_case, second_stage_case],
+                         ids=["finetune-encoder", "finetune-new-head", "distill-causal-lm", "second-training-stage"])
 def test_resume_mid_stage_gives_the_same_weights_as_a_straight_run(
         tmp_path, tiny_bert_dir, headless_bert_dir, reviews_csv, tiny_llama_dir, monkeypatch, case):
     teacher = headless_bert_dir if case is new_head_case else tiny_bert_dir
-    recipe_for, stage_id = case(teacher, reviews_csv, tiny_llama_dir)
+    recipe_for, stage_id, earlier_calls = case(teacher, reviews_csv, tiny_llama_dir)
     straight_dir, resumed_dir = tmp_path / "straight", tmp_path / "resumed"
     run(recipe_for(straight_dir))
 
@@ -90,7 +99,7 @@ def test_resume_mid_stage_gives_the_same_weights_as_a_straight_run(
     original = distill.distillation_compute_loss
     monkeypatch.setattr(distill, "distillation_compute_loss", lambda *a, **k: counting(original(*a, **k)))
 
-    interrupt_at["n"] = 8
+    interrupt_at["n"] = earlier_calls + 8
     with pytest.raises(KeyboardInterrupt):
         run(recipe_for(resumed_dir))
     partial = resumed_dir / f".{stage_id}.partial"
@@ -102,7 +111,8 @@ def test_resume_mid_stage_gives_the_same_weights_as_a_straight_run(
     resumed = run(recipe_for(resumed_dir))
     assert len(calls) == 2, "the resumed run trains only steps 7 and 8"
     assert not partial.exists()
-    assert [entry["step"] for entry in resumed.stages[0].metrics["validation_history"]] == [4, 8]
+    record = next(stage for stage in resumed.stages if stage.id == stage_id)
+    assert [entry["step"] for entry in record.metrics["validation_history"]] == [4, 8]
 
     a = load_file(straight_dir / stage_id / "model.safetensors")
     b = load_file(resumed_dir / stage_id / "model.safetensors")
