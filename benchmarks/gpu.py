@@ -2,11 +2,14 @@
 
     python benchmarks/gpu.py                 # on a machine with CUDA: writes benchmarks/results/gpu-*.txt
     python benchmarks/gpu.py --dry-run       # on a CPU: the same code path, tiny settings, results under /tmp
+    python benchmarks/gpu.py --fsdp 2        # also each recipe sharded over 2 GPUs (torchrun, FSDP2): gpu-*-fsdp2.txt
 
 What changes on a GPU, through `--set` overrides of the shipped recipes (printed with the results, so each run can be
 repeated with `hfcompress run RECIPE --set ...`): bf16 mixed precision, larger batches, more healing steps for
 SmolLM2; bitsandbytes places its 8/4-bit layers on the GPU by itself; evaluation and the `compare` stage run on the
-accelerator's device. Without CUDA (and without --dry-run) it stops at once with one line.
+accelerator's device. Without CUDA (and without --dry-run) it stops at once with one line. `--fsdp N` runs each recipe
+again as N processes with `distributed.strategy=fsdp` (one GPU each; with --dry-run, N CPU processes over gloo) and
+adds each training stage's parameter + optimizer memory per process to the table.
 """
 
 from __future__ import annotations
@@ -118,15 +121,42 @@ def run_recipe(name: str, output_root: Path, dry_run: bool) -> str:
                       format_table(results), ""])
 
 
+def run_recipe_sharded(name: str, output_root: Path, dry_run: bool, processes: int) -> str:
+    """The recipe as `processes` FSDP processes under torchrun (the same settings plus distributed.strategy=fsdp)."""
+    recipe_path = ROOT / "recipes" / f"{name}.yaml"
+    settings = DRY_RUN_SETTINGS if dry_run else GPU_SETTINGS[name]
+    overrides = [*overrides_for(recipe_path, settings, None if dry_run else "bf16"), "distributed.strategy=fsdp"]
+    run_dir = output_root / f"{name}-fsdp{processes}"
+    torchrun = str(Path(sys.executable).with_name("torchrun"))
+    command = [torchrun, "--standalone", "--nproc_per_node", str(processes), "-m", "hfcompress", "run",
+               str(recipe_path), "--output-dir", str(run_dir), *[f"--set={o}" for o in overrides]]
+    started = time.perf_counter()
+    finished = subprocess.run(command, capture_output=True, text=True, cwd=ROOT)
+    seconds = time.perf_counter() - started
+    if finished.returncode != 0:
+        raise SystemExit(f"{name} under FSDP: exit {finished.returncode}\n{finished.stderr[-3000:]}")
+    results = json.loads((run_dir / "results.json").read_text())
+    memory = [f"  {stage['id']}: {stage['metrics']['distributed']}, parameters + optimizer per process "
+              f"{stage['metrics']['memory_per_process']['parameter_and_optimizer_bytes'] / 1e6:.1f} MB"
+              for stage in results["stages"] if "memory_per_process" in stage["metrics"]]
+    return "\n".join([f"# {name}, {processes} FSDP processes: {seconds:.0f} s in all",
+                      f"command: {shlex.join(command)}", format_table(results), *memory, ""])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dry-run", action="store_true", help="run the same path on a CPU with tiny settings")
     parser.add_argument("--recipes", nargs="+", default=list(GPU_SETTINGS), choices=list(GPU_SETTINGS))
     parser.add_argument("--output-dir", type=Path, help="run folders (default: runs/gpu, or /tmp for --dry-run)")
+    parser.add_argument("--fsdp", type=int, default=0, metavar="N", help="also run each recipe as N FSDP processes")
     args = parser.parse_args()
     if not args.dry_run and not torch.cuda.is_available():
         print("error: benchmarks/gpu.py needs a CUDA device (torch.cuda.is_available() is False); "
               "use --dry-run to check the path on a CPU", file=sys.stderr)
+        return 2
+    if args.fsdp and not args.dry_run and torch.cuda.device_count() < args.fsdp:
+        print(f"error: --fsdp {args.fsdp} needs {args.fsdp} GPUs (one per process); this machine has "
+              f"{torch.cuda.device_count()}", file=sys.stderr)
         return 2
     output_root = args.output_dir or (Path("/tmp/hfcompress-gpu-dry-run") if args.dry_run else ROOT / "runs" / "gpu")
     header = environment_lines()
@@ -137,6 +167,12 @@ def main() -> int:
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_text(report)
         print(f"written: {target}")
+        if args.fsdp:
+            sharded = "\n".join([*header, "", run_recipe_sharded(name, output_root, args.dry_run, args.fsdp)])
+            print(sharded)
+            target = target.with_name(f"gpu-{name}-fsdp{args.fsdp}.txt")
+            target.write_text(sharded)
+            print(f"written: {target}")
     return 0
 
 

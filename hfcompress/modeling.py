@@ -79,10 +79,11 @@ def convert_gguf_checkpoint(reference: ModelReference, model_class, folder: Path
     save_checkpoint(model, load_tokenizer(reference), folder)
 
 
-def save_checkpoint(model, tokenizer, folder: Path, accelerator=None) -> None:
-    """`save_pretrained` the (unwrapped) model and its tokenizer; call it on the main process only."""
+def save_checkpoint(model, tokenizer, folder: Path, accelerator=None, state_dict: dict | None = None) -> None:
+    """`save_pretrained` the (unwrapped) model and its tokenizer; call it on the main process only. `state_dict`:
+    the weights to write when the model's own are sharded (gathered on every process beforehand)."""
     if accelerator is not None:
         model = accelerator.unwrap_model(model)
     folder.mkdir(parents=True, exist_ok=True)
-    save_pruned(model, folder)  # config.json keeps the per-layer shapes of a model pruned unevenly
+    save_pruned(model, folder, state_dict=state_dict)  # config.json keeps the per-layer shapes of a model pruned unevenly
     tokenizer.save_pretrained(folder)

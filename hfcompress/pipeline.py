@@ -22,8 +22,17 @@ from pathlib import Path
 import datasets
 import torch
 from accelerate import Accelerator
+from accelerate.utils import set_seed
 
 from .data import load_task_data, prepare_task_data, source_name
+from .distributed import (
+    DistributedOptions,
+    accelerator_kwargs,
+    check_world,
+    main_process_alone,
+    sharding_notes,
+    world_size,
+)
 from .fileio import write_json, write_text
 from .modeling import convert_gguf_checkpoint
 from .plan import format_plan, plan_recipe
@@ -38,11 +47,14 @@ from .timing import cpu_description
 logger = logging.getLogger("hfcompress")
 
 
-def run(recipe: Recipe, output_dir: str | Path | None = None) -> RunResults:
-    """Run a recipe end to end (or resume it) and return the run's results (complete on the main process)."""
-    accelerator = make_accelerator(recipe.mixed_precision)
+def run(recipe: Recipe, output_dir: str | Path | None = None, training_hooks: list | None = None) -> RunResults:
+    """Run a recipe end to end (or resume it) and return the run's results (complete on the main process).
+
+    `training_hooks`: `hfcompress.training.TrainingHook`s called by every training stage (after each step, ...).
+    """
+    accelerator = make_accelerator(recipe.mixed_precision, recipe.distributed)
     run_dir = RunDir(output_dir if output_dir is not None else recipe.resolved_output_dir)
-    runner = _Runner(recipe, run_dir, accelerator)
+    runner = _Runner(recipe, run_dir, accelerator, training_hooks or [])
     data = runner.load_data()  # bad input (teacher, data, columns, labels) fails here, before anything is written
     planned = plan_recipe(recipe, data.label_names, data.tokenizer)  # so does an option no stage could carry out
     if accelerator.is_main_process:
@@ -82,6 +94,8 @@ def check_sources(recipe: Recipe) -> list[str]:
         data += "; classes " + ", ".join(f"{name!r} {count}" for name, count in report.class_counts.items())
     lines.append(data)
     lines += [f"note: {line}" for line in report.notes] + [f"warning: {line}" for line in report.warnings]
+    lines += sharding_notes(recipe.distributed, [(stage_id, get_stage_class(entry.name))
+                                                 for stage_id, entry in zip(recipe.stage_ids(), recipe.stages)])
     for stage_id, entry in zip(recipe.stage_ids(), recipe.stages):
         evaluate_options = getattr(entry.options, "evaluate", entry.options)  # quantize evaluates its variants
         for index, extra in enumerate(getattr(evaluate_options, "extra_datasets", [])):
@@ -97,21 +111,25 @@ def log_data_report(report) -> None:
         logger.warning("data: %s", line)
 
 
-def make_accelerator(mixed_precision: str) -> Accelerator:
-    """bf16 or fp16 where the GPU supports it under "auto"; a launcher's --mixed_precision wins.
+def make_accelerator(mixed_precision: str, distributed: DistributedOptions | None = None) -> Accelerator:
+    """bf16 or fp16 where the GPU supports it under "auto" (not fp16 for FSDP); a launcher's --mixed_precision wins.
 
     Without a GPU, several processes (torchrun, accelerate launch) form a CPU world over gloo: accelerate only
-    does that when asked for the CPU explicitly.
+    does that when asked for the CPU explicitly. A launch of several processes that accelerate sees as one is an
+    error (every process would be the main process).
     """
     if mixed_precision == "auto":
         if os.environ.get("ACCELERATE_MIXED_PRECISION"):
             mixed_precision = None
         elif torch.cuda.is_available():
-            mixed_precision = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            fsdp = distributed is not None and distributed.strategy == "fsdp"
+            mixed_precision = "bf16" if torch.cuda.is_bf16_supported() else "no" if fsdp else "fp16"
         else:
             mixed_precision = "no"
-    several_processes = int(os.environ.get("WORLD_SIZE", "1")) > 1
-    return Accelerator(mixed_precision=mixed_precision, cpu=several_processes and not torch.cuda.is_available())
+    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=world_size() > 1 and not torch.cuda.is_available(),
+                              **accelerator_kwargs(distributed))
+    check_world(accelerator, distributed)
+    return accelerator
 
 
 def configure_logging(log_file: Path, is_main_process: bool) -> None:
@@ -133,11 +151,14 @@ def configure_logging(log_file: Path, is_main_process: bool) -> None:
 
 
 class _Runner:
-    def __init__(self, recipe: Recipe, run_dir: RunDir, accelerator: Accelerator):
+    def __init__(self, recipe: Recipe, run_dir: RunDir, accelerator: Accelerator, training_hooks: list):
         self.recipe, self.run, self.accelerator = recipe, run_dir, accelerator
+        self.training_hooks = training_hooks
         self.task = make_task(recipe.task)
         self._data = None
-        self._data_by_vocabulary = {}
+        self._data_by_vocabulary = {}  # loaded by every process together: the same keys on every rank
+        self._solo_data = {}  # loaded by the main process alone, inside a main-process-only stage
+        self._solo = False  # a main-process-only stage is running: the other processes are not there to meet
         self._tokenizers = {}
         self.models: dict[str, ModelReference] = {"teacher": recipe.teacher}
         self.results = RunResults(name=recipe.name, teacher=recipe.teacher.name_or_path, task=_task_summary(recipe),
@@ -157,9 +178,17 @@ class _Runner:
         if vocabulary == self._data.tokenizer.get_vocab():
             return self._data
         key = _hash(sorted(vocabulary.items()))
-        if key not in self._data_by_vocabulary:
-            with self.accelerator.main_process_first():
-                self._data_by_vocabulary[key] = load_task_data(self.recipe.task, tokenizer, self.recipe.seed)
+        if key in self._data_by_vocabulary:
+            return self._data_by_vocabulary[key]
+        # A barrier must be reached as often on every rank: the main process alone never meets one, and what it
+        # loaded alone stays out of the shared cache, so a later stage of all processes misses it on every rank.
+        if self._solo:
+            if key not in self._solo_data:
+                self._solo_data[key] = load_task_data(self.recipe.task, tokenizer, self.recipe.seed)
+            return self._solo_data[key]
+        with self.accelerator.main_process_first():
+            data = self._solo_data.pop(key, None)
+            self._data_by_vocabulary[key] = data or load_task_data(self.recipe.task, tokenizer, self.recipe.seed)
         return self._data_by_vocabulary[key]
 
     def load_tokenizer(self, reference: ModelReference):
@@ -229,13 +258,22 @@ class _Runner:
             recipe=self.recipe, stage_id=stage_id, accelerator=accelerator, task=self.task, run_dir=self.run.path,
             out_dir=partial, model=current, models=dict(self.models), load_data=self.load_data,
             load_tokenizer=self.load_tokenizer,
-            rows=list(self.results.rows),
+            rows=list(self.results.rows), all_processes=not stage.main_process_only,
+            training_hooks=self.training_hooks,
         )
         started = time.perf_counter()
+        # Every stage starts from the recipe's seed, whatever ran before it in this process: a new task head, a
+        # student built from a config and its projections are the same in every run, resumed ones included.
+        set_seed(self.recipe.seed)
         if stage.main_process_only and not accelerator.is_main_process:
             result = StageResult()
         else:
-            result = stage.run(ctx)
+            self._solo = stage.main_process_only and accelerator.num_processes > 1
+            try:
+                with main_process_alone(self._solo):
+                    result = stage.run(ctx)
+            finally:
+                self._solo = False
         accelerator.wait_for_everyone()
         record = StageRecord(
             id=stage_id, stage=stage.name, options=stage.options.model_dump(mode="json"), fingerprint=fingerprint,

@@ -11,6 +11,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, SerializeAsAny, field_validator
 from pydantic import model_validator
 
+from .distributed import DistributedOptions
 from .errors import HfCompressError
 
 
@@ -165,11 +166,20 @@ class Recipe(StrictModel):
     teacher: ModelReference
     output_dir: str | None = None
     mixed_precision: Literal["auto", "no", "fp16", "bf16"] = "auto"
+    distributed: DistributedOptions | None = None  # several processes: ddp (default), fsdp or deepspeed
     stages: list[StageEntry] = Field(min_length=1)
     search: SearchOptions | None = None  # what `hfcompress search` looks for (the stages give its teacher)
     # Where the recipe came from, so that checks made after parsing (the plan) can name the file and line too.
     _source: str = PrivateAttr("<recipe>")
     _yaml_root: Any = PrivateAttr(None)
+
+    @field_validator("distributed")
+    @classmethod
+    def _sharding_precision(cls, distributed, info):
+        if distributed and distributed.strategy == "fsdp" and info.data.get("mixed_precision") == "fp16":
+            raise ValueError("strategy fsdp trains in bf16 or fp32: fp16's loss scaling is not applied to sharded "
+                             "gradients here (use mixed_precision: bf16 or no)")
+        return distributed
 
     def problem(self, loc: tuple, message: str) -> RecipeError:
         """A one-line `file:line: key.path: problem` error about the value at `loc` (a key path as a tuple)."""

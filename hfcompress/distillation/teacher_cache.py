@@ -110,15 +110,18 @@ def cache_teacher_logits(teacher, dataloader, top_k: int | None = None, fingerpr
 
 
 def cached_teacher_logits(
-    path: str | Path, teacher, dataloader, top_k: int | None = None, fingerprint: str = ""
+    path: str | Path, teacher, dataloader, top_k: int | None = None, fingerprint: str = "", save: bool = True
 ) -> TeacherCache:
-    """The cache saved at `path` when its fingerprint matches; otherwise computed now and saved there."""
+    """The cache saved at `path` when its fingerprint matches; otherwise computed now and saved there (unless
+    `save` is False: another process saves it)."""
     path = Path(path)
     if path.is_file():
         cache = TeacherCache.load(path)
         if cache.fingerprint == fingerprint:
             return cache
     cache = cache_teacher_logits(teacher, dataloader, top_k, fingerprint)
+    if not save:
+        return cache
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(path.name + ".partial")  # an interrupted save never leaves a half-written cache
     cache.save(partial)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -14,6 +15,7 @@ from huggingface_hub.utils import validate_repo_id
 from pydantic import BaseModel, ConfigDict
 
 from ..data import batch_to_model_inputs, load_task_data
+from ..distributed import full_state_dict
 from ..errors import HfCompressError, first_line
 from ..modeling import load_model, save_checkpoint
 from ..recipe_schema import ModelReference, Recipe
@@ -63,6 +65,8 @@ class StageContext:
     load_data: Callable[[ModelReference], Any]  # the task data, tokenized by that model's tokenizer
     load_tokenizer: Callable[[ModelReference], Any]
     rows: list[Row] = field(default_factory=list)  # every model evaluated before this stage
+    all_processes: bool = True  # False in a main-process-only stage: no barrier or collective may be reached
+    training_hooks: list = field(default_factory=list)  # `hfcompress.training.TrainingHook`s for every training stage
 
     @cached_property
     def data(self):
@@ -111,9 +115,20 @@ class StageContext:
         return [batch_to_model_inputs(batch) for batch in batches]
 
     def save_model(self, model) -> None:
+        """Save the model whole, once: every process gathers its shards (when sharded), the main process writes."""
+        weights = full_state_dict(self.accelerator, model) if self.all_processes else None
         if self.is_main_process:
-            save_checkpoint(model, self.tokenizer, self.out_dir, self.accelerator)
-        self.accelerator.wait_for_everyone()
+            save_checkpoint(model, self.tokenizer, self.out_dir, self.accelerator, state_dict=weights)
+        self.wait_for_everyone()
+
+    def wait_for_everyone(self) -> None:
+        """A barrier for the processes running this stage (none in a main-process-only stage)."""
+        if self.all_processes:
+            self.accelerator.wait_for_everyone()
+
+    def main_process_first(self):
+        """accelerate's `main_process_first`, or nothing in a main-process-only stage (no one to go first of)."""
+        return self.accelerator.main_process_first() if self.all_processes else contextlib.nullcontext()
 
 
 class Stage:

@@ -30,6 +30,7 @@ from ..distillation import (
     teacher_for_student,
     uniform_layer_map,
 )
+from ..distributed import DistributedOptions, local_bytes, shard, training_is_sharded
 from ..errors import HfCompressError
 from ..recipe_schema import ModelReference, StrictModel
 from ..sources import load_config, load_tokenizer, resolve_model_reference
@@ -108,8 +109,18 @@ class DistillStage(Stage):
         teacher = teacher_for_student(teacher, teacher_tokenizer, ctx.tokenizer, student.config)
         teacher.requires_grad_(False).eval().to(ctx.accelerator.device)  # never wrapped for gradients
 
-        if options.cache_teacher_outputs and not (loss.needs_hidden_states or loss.needs_attentions):
-            compute_loss = distillation_compute_loss(loss, teacher_cache=self._teacher_cache(ctx, teacher))
+        cached = options.cache_teacher_outputs and not (loss.needs_hidden_states or loss.needs_attentions)
+        fingerprint = self._cache_fingerprint(ctx, teacher) if cached else None  # from the whole weights
+        # Under FSDP the teacher is sharded like the student: each process holds 1/N of it, and all of them run
+        # every teacher forward together (live, or once over the training set to fill the cache).
+        distributed = ctx.recipe.distributed or DistributedOptions()
+        teacher_sharded = training_is_sharded(distributed, ctx.accelerator) and distributed.shard_teacher
+        if teacher_sharded:
+            shard(teacher, ctx.accelerator, distributed)
+        teacher_bytes = local_bytes(teacher.parameters())
+        if cached:
+            compute_loss = distillation_compute_loss(
+                loss, teacher_cache=self._teacher_cache(ctx, teacher, fingerprint, teacher_sharded))
             del teacher
         else:
             compute_loss = distillation_compute_loss(loss, teacher=teacher)
@@ -117,6 +128,7 @@ class DistillStage(Stage):
         student, state = train(ctx, student, options, compute_loss, extra_modules=trainable_extras)
         ctx.save_model(student)
         metrics = training_metrics(ctx, state)
+        metrics["memory_per_process"]["teacher_parameter_bytes"] = 0 if cached else teacher_bytes
         metrics.update(teacher=self.options.teacher or ctx.model_label, layer_map=layer_map,
                        student_layers=student.config.num_hidden_layers,
                        student_parameters=sum(p.numel() for p in student.parameters()))
@@ -183,15 +195,26 @@ class DistillStage(Stage):
         # Evenly spaced: a pruned student's blocks keep their order but not their original indices.
         return student, uniform_layer_map(student.config.num_hidden_layers, teacher.config.num_hidden_layers)
 
-    def _teacher_cache(self, ctx: StageContext, teacher):
-        """Teacher logits over the training set, computed once (main process first) and reused by later runs."""
-        top_k = self.options.cache_top_k if ctx.task.type == "causal-lm" else None
-        train_split = ctx.data["train"]
-        fingerprint = teacher_fingerprint(teacher, train_split._fingerprint, ctx.recipe.task.max_length, top_k)
+    def _cache_top_k(self, ctx: StageContext) -> int | None:
+        return self.options.cache_top_k if ctx.task.type == "causal-lm" else None
+
+    def _cache_fingerprint(self, ctx: StageContext, teacher) -> str:
+        return teacher_fingerprint(teacher, ctx.data["train"]._fingerprint, ctx.recipe.task.max_length,
+                                   self._cache_top_k(ctx))
+
+    def _teacher_cache(self, ctx: StageContext, teacher, fingerprint: str, sharded: bool):
+        """Teacher logits over the training set, computed once and reused by later runs: by the main process first
+        (the others then read its file), or, with a sharded teacher, by every process together (each holds a
+        shard of every weight) and written by the main process."""
         path = teacher_cache_dir() / f"{fingerprint}.safetensors"
         loader = ctx.data.dataloader("train", self.options.per_device_eval_batch_size)
-        with ctx.accelerator.main_process_first():
-            cache = cached_teacher_logits(path, teacher, loader, top_k, fingerprint)
+        arguments = (path, teacher, loader, self._cache_top_k(ctx), fingerprint)
+        if sharded:
+            cache = cached_teacher_logits(*arguments, save=ctx.is_main_process)
+            ctx.wait_for_everyone()
+        else:
+            with ctx.main_process_first():
+                cache = cached_teacher_logits(*arguments)
         logger.info("%s: teacher outputs cached in %s", ctx.stage_id, path)
         return cache
 

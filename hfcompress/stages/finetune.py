@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from ..data import batch_to_model_inputs
+from ..distributed import strategy_name
 from ..training import TrainingOptions, train
 from .base import Stage, StageContext, StageResult, register_stage
 
@@ -40,4 +41,7 @@ def training_metrics(ctx: StageContext, state) -> dict:
         "steps": state.global_step,
         "train_seconds": round(state.train_seconds, 2),
         "validation_history": state.history,
+        "train_loss_history": state.train_log,
+        "distributed": strategy_name(ctx.recipe.distributed, ctx.accelerator),
+        "memory_per_process": state.memory,
     }
