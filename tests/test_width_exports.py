@@ -15,7 +15,6 @@ from transformers import (
     BertForSequenceClassification,
     LlamaConfig,
     LlamaForCausalLM,
-    PreTrainedTokenizerFast,
 )
 
 from hfcompress.pruning import hidden_importance, needs_structure_record, prune_hidden, save_pruned, select_hidden

