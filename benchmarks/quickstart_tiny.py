@@ -41,11 +41,10 @@ def seeded_recipe(seed: int) -> dict:
                      "output_dir": str(ROOT / "runs" / f"quickstart-tiny-seed{seed}")}
 
 
-def quantized_rows(results: dict) -> dict:
-    """Every quantized variant's row, and the final (carried-forward) one, by variant name."""
-    rows = {row["label"].split("/", 1)[1]: row for row in results["rows"] if "quantize/" in row["label"]}
-    final = next(row for row in rows.values() if row["model_dir"] == results["final_model_dir"])
-    return {"final": final, **rows}
+def quantized_rows(results) -> dict:
+    """Every quantized variant's metrics by variant name, and the final (carried-forward) variant's name."""
+    rows = {row.variant: row.metrics for row in results.rows if row.variant}
+    return {"final": results.final_row.variant, **rows}
 
 
 def main() -> None:
@@ -54,25 +53,23 @@ def main() -> None:
     args = parser.parse_args()
 
     shipped = hfcompress.run(hfcompress.load_recipe(RECIPE), output_dir=RUN_DIR)  # finished: nothing reruns
-    teacher = next(row for row in shipped["rows"] if row["label"] == "teacher")["metrics"]
+    teacher = shipped.row("teacher").metrics
     runs = {42: shipped} | {seed: hfcompress.run(parse_recipe(seeded_recipe(seed))) for seed in args.seeds}
     per_seed = {seed: quantized_rows(results) for seed, results in runs.items()}
-    pruned = {seed: next(row for row in results["rows"] if row["label"] == "pruned")["metrics"]
-              for seed, results in runs.items()}
+    pruned = {seed: results.row("pruned").metrics for seed, results in runs.items()}
 
     lines = [f"teacher (01-finetune of the seed-42 run): test accuracy {100 * teacher['accuracy']:.2f}, "
              f"{teacher['size_on_disk_bytes'] / 1e6:.1f} MB, {teacher['num_parameters'] / 1e6:.2f} M parameters",
              f"{'seed':5s} {'model':24s} {'size (MB)':9s} {'accuracy':8s} {'of teacher':10s}"]
     for seed in runs:
-        rows = {"pruned (fp32)": {"metrics": pruned[seed]}, **{name: row for name, row in per_seed[seed].items()
-                                                              if name != "final"}}
-        for name, row in rows.items():
-            metrics = row["metrics"]
-            final = " <- final" if row is per_seed[seed]["final"] else ""
+        rows = {"pruned (fp32)": pruned[seed], **{name: metrics for name, metrics in per_seed[seed].items()
+                                                   if name != "final"}}
+        for name, metrics in rows.items():
+            final = " <- final" if name == per_seed[seed]["final"] else ""
             lines.append(f"{seed:<5d} {name:24s} {metrics['size_on_disk_bytes'] / 1e6:<9.2f} "
                          f"{100 * metrics['accuracy']:<8.2f} {100 * metrics['accuracy'] / teacher['accuracy']:.2f}%"
                          f"{final}")
-    finals = [per_seed[seed]["final"]["metrics"] for seed in runs]
+    finals = [per_seed[seed][per_seed[seed]["final"]] for seed in runs]
     mean = statistics.mean(metrics["accuracy"] for metrics in finals)
     sizes = [metrics["size_on_disk_bytes"] / 1e6 for metrics in finals]
     lines.append(f"final model, mean of {len(runs)} seeds: accuracy {100 * mean:.2f} = "

@@ -50,7 +50,7 @@ def shipped() -> dict:
 def teacher_metrics() -> dict:
     """The GGUF teacher converted once (by a pipeline run of its own, into WORK/teacher/00-teacher) and scored."""
     recipe = shipped() | {"name": "smollm2-width-teacher", "stages": [{"evaluate": {**QUIET, "label": "teacher"}}]}
-    return hfcompress.run(parse_recipe(recipe), output_dir=WORK / "teacher")["rows"][0]["metrics"]
+    return hfcompress.run(parse_recipe(recipe), output_dir=WORK / "teacher").rows[0].metrics
 
 
 def heal_stage(steps: int) -> dict:
@@ -67,11 +67,11 @@ def run_arm(name: str, prune: dict, heal: int | None) -> dict:
     recipe = shipped() | {"name": f"smollm2-width-{name}", "teacher": str(WORK / "teacher" / "00-teacher"),
                           "stages": stages}
     results = hfcompress.run(parse_recipe(recipe), output_dir=WORK / (f"{name}-{heal}" if heal else name))
-    rows = {row["label"]: row["metrics"] for row in results["rows"]}
+    rows = {row.label: row.metrics for row in results.rows}
     return {"parameters": rows["pruned"]["num_parameters"], "validation": rows["pruned (validation)"]["perplexity"],
             "pruned": rows["pruned"]["perplexity"], "healed": rows.get("healed", {}).get("perplexity"),
-            "shape": results["stages"][0]["metrics"]["layer_shapes"][0],
-            "hidden_size": results["stages"][0]["metrics"]["hidden_size"]["after"]}
+            "shape": results.stages[0].metrics["layer_shapes"][0],
+            "hidden_size": results.stages[0].metrics["hidden_size"]["after"]}
 
 
 def variant_prune(arm: str, method: str, norms: str) -> dict:

@@ -42,7 +42,7 @@ def run_arm(args, method: str, norms: str) -> dict:
     recipe = quickstart_recipe(args.run_dir / "03-distill", args.work_dir / f"{method}-{norms}", stages,
                                name="width-importance")
     results = hfcompress.run(parse_recipe(recipe))
-    pruned, recovered = (row["metrics"] for row in results["rows"])
+    pruned, recovered = (row.metrics for row in results.rows)
     return {"method": method, "norms": norms, "pruned": pruned["accuracy"], "recovered": recovered["accuracy"],
             "parameters": recovered["num_parameters"]}
 
@@ -56,7 +56,7 @@ def main() -> None:
 
     unpruned = hfcompress.run(parse_recipe(quickstart_recipe(
         args.run_dir / "03-distill", args.work_dir / "unpruned", [{"evaluate": {**VALIDATION, "label": "student"}}],
-        name="width-importance")))["rows"][0]["metrics"]
+        name="width-importance"))).rows[0].metrics
     arms = [run_arm(args, method, norms) for method, norms in ARMS]
     lines = [f"3-layer student (validation): accuracy {100 * unpruned['accuracy']:.2f}, "
              f"{unpruned['num_parameters'] / 1e6:.2f} M parameters; hidden size 384 -> 256 (nothing else pruned); "

@@ -14,7 +14,8 @@ from hfcompress import from_pretrained, run
 from hfcompress.card import build_model_card
 from hfcompress.plan import format_plan, plan_recipe
 from hfcompress.pruning import layer_shapes
-from hfcompress.recipe import RecipeError, SearchOptions, load_recipe, parse_recipe
+from hfcompress.recipe import RecipeError, load_recipe, parse_recipe
+from hfcompress.recipe_schema import SearchOptions
 from hfcompress.search import candidates
 
 from conftest import classification_recipe, planned_then_run, save_tiny_bert, write_recipe
@@ -36,14 +37,14 @@ def width_run(tmp_path_factory, bert_dir, reviews_csv):
     folder = tmp_path_factory.mktemp("width-run")
     stages = [{"prune": WIDTH}, {"evaluate": FAST_EVAL},
               {"distill": {"teacher": "teacher", "max_steps": 2, "per_device_train_batch_size": 16}},
-              {"evaluate": FAST_EVAL}, {"card": {}}]
+              {"evaluate": FAST_EVAL}, {"card": {"model_cards_dir": str(folder / "model_cards")}}]
     path = write_recipe(folder / "recipe.yaml", classification_recipe(bert_dir, reviews_csv, folder / "run", stages))
     return (*planned_then_run(path), folder / "run")
 
 
 def test_every_chosen_width_is_a_multiple_of_round_to(width_run):
     _, results, run_dir = width_run
-    metrics = results["stages"][0]["metrics"]
+    metrics = results.stages[0].metrics
     assert metrics["hidden_size"] == {"before": 32, "after": 24}  # 32 - 9 = 23, rounded to 24
     assert metrics["round_to"] == 8 and metrics["removed"]["hidden"] == 8
     model = from_pretrained(run_dir / "01-prune")
@@ -57,12 +58,12 @@ def test_every_chosen_width_is_a_multiple_of_round_to(width_run):
 
 def test_the_plan_predicts_the_runs_counts_and_prints_the_rounded_hidden_size(width_run):
     planned, results, _ = width_run
-    after = results["stages"][0]["metrics"]["parameters_after"]
+    after = results.stages[0].metrics["parameters_after"]
     assert planned["01-prune"].num_parameters == after
     assert planned["01-prune"].config.hidden_size == 24
     assert "hidden 24" in planned["01-prune"].describe()
-    for row in results["rows"]:
-        assert row["metrics"]["num_parameters"] == planned[row["stage_id"]].num_parameters
+    for row in results.rows:
+        assert row.metrics["num_parameters"] == planned[row.stage_id].num_parameters
 
 
 def test_recovery_distillation_runs_across_the_width_change_and_keeps_the_shapes(width_run):
@@ -91,7 +92,7 @@ def test_a_uniform_hidden_pruned_llama_is_planned_exactly_and_saved_plain(tmp_pa
                                     "round_to": 16, "calibration_samples": 8}}]}
     recipe = load_recipe(write_recipe(tmp_path / "recipe.yaml", recipe))
     planned = plan_recipe(recipe)[1].shape
-    metrics = run(recipe)["stages"][0]["metrics"]
+    metrics = run(recipe).stages[0].metrics
     assert planned.num_parameters == metrics["parameters_after"] and planned.exact
     assert "FFN 80, hidden 48" in planned.describe()  # 128 - 51 = 77 neurons, rounded to 80
     config = json.loads((tmp_path / "run" / "01-prune" / "config.json").read_text())
