@@ -18,7 +18,8 @@ from transformers import (
 )
 
 from hfcompress.pruning import hidden_importance, needs_structure_record, prune_hidden, save_pruned, select_hidden
-from hfcompress.quantization import parse_variant, quantize, save_quantized
+from hfcompress.errors import HfCompressError
+from hfcompress.quantization import parse_variant, quantize, save_quantized, variant_name
 
 from test_gguf import bpe_tokenizer  # noqa: F401 (a fixture)
 
@@ -128,3 +129,10 @@ def test_compressed_tensors_of_a_hidden_pruned_llama_loads_with_plain_transforme
     assert reloaded.config.hidden_size == 32
     batch = random_batch()
     torch.testing.assert_close(logits(reloaded, batch), logits(quantized, batch), atol=1e-4, rtol=0)
+
+
+def test_quantize_embeddings_is_an_int4_option_and_names_the_variant():
+    variant = parse_variant({"backend": "onnx", "quantization": "int4", "quantize_embeddings": True, "optimize": False})
+    assert variant_name(variant) == "onnx-int4-emb-unfused"
+    with pytest.raises(HfCompressError, match="quantize_embeddings only applies to quantization: int4"):
+        parse_variant({"backend": "onnx", "quantization": "int8-dynamic", "quantize_embeddings": True})
