@@ -8,9 +8,9 @@ perplexity 56.08 -> 149.52, and 40 healing steps (token-level KL to the teacher'
 - mixed:  hidden 576 -> 512 and FFN 1536 -> 1248 (Minitron prunes both),                        106.3 M
 and each is healed exactly as the recipe heals the depth-pruned model (same distillation options, data and steps).
 
-Phase 1 (`--heal` not given): every arm pruned and scored before healing, with the hidden arms' importance
-(activation vs gradient) and RMSNorm handling (rescaled vs kept) compared on the VALIDATION split (the choice) and
-reported on the test split. Phase 2 (`--heal 40 [120 400] --arms depth mixed ...`): the arms healed with that many
+Phase 1 (`--heal` not given): every arm pruned and scored before healing, the hidden and mixed arms with each
+channel importance (activation vs gradient) and RMSNorm handling (rescaled vs kept; the arms' defaults are
+activation and rescaled), compared on the VALIDATION split (the choice) and reported on the test split. Phase 2 (`--heal 40 [120 400] --arms depth mixed ...`): the arms healed with that many
 steps, test perplexity after healing.
 
     python benchmarks/smollm2_width.py
@@ -91,7 +91,7 @@ def main() -> None:
     results: dict = {"teacher": teacher}
     if not args.heal:
         results["variants"] = {name: run_arm(name, variant_prune(*spec), None) for name, spec in VARIANTS.items()}
-        results["arms"] = {name: run_arm(name, ARMS[name], None) for name in args.arms}
+        results["arms"] = {name: run_arm(name, ARMS[name], None) for name in args.arms if name not in ("hidden", "mixed")}
         lines.append("before healing (the hidden arms: channel importance x RMSNorm handling):")
         lines.append(f"  {'arm':28s} {'params (M)':10s} {'hidden':6s} {'FFN':5s} {'ppl validation':15s} {'ppl test':8s}")
         for name, arm in {**results["variants"], **results["arms"]}.items():
