@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
+from pathlib import Path
 
 import yaml
 from common import ROOT, save_results
@@ -76,7 +78,8 @@ def main() -> None:
                  f"{100 * mean / teacher['accuracy']:.2f}% of the teacher (target >= 98.5%); size "
                  f"{min(sizes):.2f}-{max(sizes):.2f} MB = {teacher['size_on_disk_bytes'] / 1e6 / max(sizes):.1f}x "
                  "smaller than the teacher (target <= 6 MB)")
-    report = "\n".join(lines)
+    report = "\n".join([f"command: python benchmarks/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}".rstrip(),
+                        *lines])
     print(report)
     save_results("quickstart_tiny", {"teacher": teacher, "pruned": pruned, "variants": per_seed,
                                      "mean_accuracy": mean}, report)

@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
+from pathlib import Path
 
 import yaml
 from common import ROOT, save_results
@@ -106,7 +108,8 @@ def main() -> None:
             recovered = (arm["pruned"] - arm["healed"]) / (arm["pruned"] - teacher["perplexity"])
             lines.append(f"  {name.rsplit('-', 1)[0]:12s} {name.rsplit('-', 1)[1]:5s} {arm['parameters'] / 1e6:<10.2f} "
                          f"{arm['pruned']:<8.2f} {arm['healed']:<8.2f} {100 * recovered:.0f}%")
-    report = "\n".join(lines)
+    report = "\n".join([f"command: python benchmarks/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}".rstrip(),
+                        *lines])
     print(report)
     save_results("smollm2_width" + (f"_healed_{'_'.join(map(str, args.heal))}" if args.heal else ""), results, report)
 

@@ -15,6 +15,7 @@ from the fine-tuned teacher (the choice is made on validation; the recipe's test
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from common import ROOT, quickstart_recipe, save_results
@@ -65,7 +66,8 @@ def main() -> None:
     for arm in arms:
         lines.append(f"{arm['method']:16s} {arm['norms']:10s} {100 * arm['pruned']:<12.2f} "
                      f"{100 * arm['recovered']:<14.2f} {arm['parameters'] / 1e6:<10.2f}")
-    report = "\n".join(lines)
+    report = "\n".join([f"command: python benchmarks/{Path(sys.argv[0]).name} {' '.join(sys.argv[1:])}".rstrip(),
+                        *lines])
     print(report)
     save_results("width_importance", {"unpruned": unpruned, "arms": arms, "settings": {
         key: str(value) for key, value in vars(args).items()}}, report)
