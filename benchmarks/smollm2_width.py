@@ -2,10 +2,12 @@
 
 recipes/smollm2-135m.yaml drops 8 of the 30 blocks (ShortGPT block influence): 134.5 M -> 106.2 M parameters, test
 perplexity 56.08 -> 149.52, and 40 healing steps (token-level KL to the teacher's cached top-64 logits) bring it to
-85.50. Here the same 106.2 M is reached by width instead, every width a multiple of 32 (hidden-only: 8):
-- ffn:    every block's FFN 1536 -> 992 neurons (gradient importance),                         106.3 M
-- hidden: the residual stream 576 -> 456 channels (activation importance),                     106.5 M
-- mixed:  hidden 576 -> 512 and FFN 1536 -> 1248 (Minitron prunes both),                        106.3 M
+85.50. Here about the same count is reached by width instead:
+- ffn:    every block's FFN 1536 -> 992 neurons (gradient importance; a multiple of 32),            106.3 M
+- hidden: the residual stream 576 -> 450 channels (activation importance),                       105.1 M
+- mixed:  hidden 576 -> 504 and FFN 1536 -> 1280 (Minitron prunes both; multiples of 8),          106.1 M
+transformers' LlamaConfig refuses a hidden size its 9 heads do not divide, so the hidden sizes are multiples of 9
+(450 is the nearest below 106.2 M; 504 = 7 x 72 is one of 8 and 9); no multiple of 32 except 288 is one of 9.
 and each is healed exactly as the recipe heals the depth-pruned model (same distillation options, data and steps).
 
 Phase 1 (`--heal` not given): every arm pruned and scored before healing, the hidden and mixed arms with each
@@ -36,8 +38,8 @@ CALIBRATION = {"calibration_samples": 32, "calibration_batch_size": 4}
 ARMS = {
     "depth": {"layers": {"drop": 8, "method": "block_influence"}},
     "ffn": {"ffn": {"sparsity": 0.354, "scope": "uniform"}, "round_to": 32},
-    "hidden": {"hidden": {"size": 456}, "round_to": 8},
-    "mixed": {"hidden": {"size": 512}, "ffn": {"sparsity": 0.1875, "scope": "uniform"}, "round_to": 32},
+    "hidden": {"hidden": {"size": 450}},
+    "mixed": {"hidden": {"size": 504}, "ffn": {"sparsity": 0.16667, "scope": "uniform"}, "round_to": 8},
 }
 # Phase 1 also scores these variants of the hidden arms before healing: the importance and the norm handling.
 VARIANTS = {f"{arm}-{method}-{norms}": (arm, method, norms) for arm in ("hidden", "mixed")

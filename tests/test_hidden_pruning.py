@@ -31,6 +31,7 @@ from hfcompress.errors import HfCompressError
 from hfcompress.pruning import (
     STRUCTURE_KEY,
     hidden_importance,
+    hidden_size_multiple,
     layer_shapes,
     needs_structure_record,
     norm_corrections,
@@ -288,3 +289,16 @@ def test_rounded_selection_keeps_multiples_in_every_layer():
 def test_a_width_no_cut_can_round_is_refused():
     with pytest.raises(HfCompressError, match="none of the widths"):
         select_heads(torch.rand(1, 6), sparsity=0.2, group_size=3, multiple=4)  # whole groups of 3: 6 or 3 kept
+
+
+def test_hidden_sizes_the_config_refuses_are_refused_before_anything_changes():
+    """transformers' LlamaConfig wants its head count to divide the hidden size, head_dim or not; BERT-style configs
+    want the head size to; Qwen2's config asks neither."""
+    llama, qwen2, bert = (build(BY_NAME[name]) for name in ("llama", "qwen2", "bert"))
+    assert [hidden_size_multiple(model) for model in (llama, qwen2, bert)] == [4, 1, 8]
+    before = [tuple(p.shape) for p in llama.parameters()]
+    with pytest.raises(HfCompressError, match="hidden size 30: LlamaConfig refuses it: .*multiple of the number of"):
+        prune_hidden(llama, [0, 1])
+    assert [tuple(p.shape) for p in llama.parameters()] == before
+    prune_hidden(qwen2, [0, 1])
+    assert qwen2.config.hidden_size == 30

@@ -104,9 +104,10 @@ def test_a_uniform_hidden_pruned_llama_is_planned_exactly_and_saved_plain(tmp_pa
 
 @pytest.mark.parametrize("options, key, message", [
     ({"hidden": {"size": 20}, "round_to": 8}, "stages[0].prune.hidden.size",
-     "20 is not a multiple of 8: round_to 8 and the head size 8 (bert derives it as hidden_size / "
-     "num_attention_heads)"),
-    ({"hidden": {"size": 12}}, "stages[0].prune.hidden.size", "12 is not a multiple of 8: the head size 8"),
+     "20 is not a multiple of 8: round_to 8 and the hidden sizes BertConfig accepts with these heads (multiples "
+     "of 8)"),
+    ({"hidden": {"size": 12}}, "stages[0].prune.hidden.size",
+     "12 is not a multiple of 8: the hidden sizes BertConfig accepts with these heads (multiples of 8)"),
     ({"hidden": {"size": 40}}, "stages[0].prune.hidden.size",
      "size 40 must be between 1 and the current hidden size 32 (exclusive)"),
 ])

@@ -17,7 +17,14 @@ Supported model types: see `ADAPTERS` (BERT, RoBERTa, DistilBERT, GPT-2, Llama, 
 
 from .adapters import ADAPTERS, LayerShape, adapter_for
 from .checkpoint import load_pruned, save_pruned
-from .hidden import NormCorrection, hidden_importance, norm_corrections, prune_hidden, select_hidden
+from .hidden import (
+    NormCorrection,
+    hidden_importance,
+    hidden_size_multiple,
+    norm_corrections,
+    prune_hidden,
+    select_hidden,
+)
 from .importance import ffn_importance, head_importance, layer_importance
 from .selection import select_ffn, select_heads, select_layers
 from .structure import (
@@ -39,6 +46,7 @@ __all__ = [
     "ffn_importance",
     "head_importance",
     "hidden_importance",
+    "hidden_size_multiple",
     "layer_importance",
     "layer_shapes",
     "load_pruned",

@@ -134,11 +134,6 @@ class ArchitectureAdapter:
             writers=(*writers, *squares, *head_writers),
         )
 
-    def hidden_multiple(self, config) -> int:
-        """What the hidden size must be a multiple of: the head size where the config derives the head size as
-        hidden_size / num_attention_heads (it then sets the head count to hidden_size / head size)."""
-        return 1 if self.config_has_head_dim else config.hidden_size // config.num_attention_heads
-
 
 class BertAdapter(ArchitectureAdapter):
     """BERT and RoBERTa: encoder.layer[i].attention.{self.query/key/value, output.dense}, intermediate/output."""

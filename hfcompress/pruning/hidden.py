@@ -22,6 +22,7 @@ match, not exact.
 
 from __future__ import annotations
 
+import copy
 import math
 from collections.abc import Iterable, Sequence
 from contextlib import contextmanager
@@ -30,6 +31,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import PreTrainedModel
+
+from huggingface_hub.errors import StrictDataclassError
 
 from ..errors import HfCompressError
 from .adapters import ArchitectureAdapter, ResidualParts, adapter_for
@@ -226,6 +229,9 @@ def prune_hidden(model: PreTrainedModel, channels: Iterable[int],
         raise HfCompressError(f"{model.config.model_type} derives the head size from hidden_size / "
                               f"num_attention_heads: the hidden size must stay a multiple of the head size "
                               f"{head_size}, not {size}")
+    refusal = _config_refusal(model.config, _config_updates(adapter, size, head_size))
+    if refusal:
+        raise HfCompressError(f"hidden size {size}: {type(model.config).__name__} refuses it: {refusal}")
     parts = adapter.residual_parts(model)
     if corrections is not None and len(corrections) != len(parts.norms):
         raise HfCompressError(f"{len(corrections)} norm corrections for {len(parts.norms)} norms")
@@ -279,12 +285,43 @@ def _sync_hidden_config(model, adapter: ArchitectureAdapter, size: int, head_siz
     config = model.config
     if getattr(config, adapter.ffn_size_attribute, None) is None:
         setattr(config, adapter.ffn_size_attribute, ffn_size)
-    config.hidden_size = size
-    if adapter.config_has_head_dim:
-        config.head_dim = head_size
-    else:
-        config.num_attention_heads = size // head_size
+    for name, value in _config_updates(adapter, size, head_size).items():
+        setattr(config, name, value)
     sync_config(model, adapter)
+
+
+def _config_updates(adapter: ArchitectureAdapter, size: int, head_size: int) -> dict:
+    """The config after the cut: the new hidden size, and the head size kept (written where the config names it,
+    else through the head count that hidden_size / num_attention_heads makes it)."""
+    if adapter.config_has_head_dim:
+        return {"hidden_size": size, "head_dim": head_size}
+    return {"hidden_size": size, "num_attention_heads": size // head_size}
+
+
+def _config_refusal(config, updates: dict) -> str | None:
+    """transformers' own validation of the config with `updates`: its message, or None when it passes."""
+    candidate = copy.deepcopy(config)
+    try:
+        for name, value in updates.items():
+            setattr(candidate, name, value)
+        if hasattr(candidate, "validate"):
+            candidate.validate()
+    except (ValueError, StrictDataclassError) as error:  # a strict config's says which validator, then why
+        return str(error).strip().splitlines()[-1].strip()
+    return None
+
+
+def hidden_size_multiple(model: PreTrainedModel) -> int:
+    """What every hidden size this model's config accepts is a multiple of: the head size where the config derives
+    it as hidden_size / num_attention_heads (BERT, GPT-2), and the head count where the config class insists that it
+    divides the hidden size although it names head_dim (transformers' LlamaConfig)."""
+    adapter = adapter_for(model)
+    config, head_size = model.config, _head_size(adapter, model)
+    multiple = 1 if adapter.config_has_head_dim else head_size
+    heads = config.num_attention_heads
+    if multiple % heads and _config_refusal(config, _config_updates(adapter, multiple * (heads + 1), head_size)):
+        multiple = math.lcm(multiple, heads)
+    return multiple
 
 
 def _head_size(adapter: ArchitectureAdapter, model) -> int:

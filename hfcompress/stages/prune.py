@@ -21,6 +21,7 @@ from ..evaluation import count_parameters, size_on_disk
 from ..pruning import (
     adapter_for,
     hidden_importance,
+    hidden_size_multiple,
     norm_corrections,
     prune_hidden,
     select_hidden,
@@ -280,12 +281,12 @@ class PruneStage(Stage):
 
     def _prune_hidden(self, model, scorer) -> list[int]:
         budget = self.options.hidden
-        head_multiple = adapter_for(model).hidden_multiple(model.config)
-        multiple = math.lcm(self._round_to, head_multiple)
+        config_multiple = hidden_size_multiple(model)
+        multiple = math.lcm(self._round_to, config_multiple)
         if budget.size is not None and budget.size % multiple:
             reasons = ([f"round_to {self._round_to}"] if self._round_to > 1 else []) + (
-                [f"the head size {head_multiple} ({model.config.model_type} derives it as hidden_size / "
-                 "num_attention_heads)"] if head_multiple > 1 else [])
+                [f"the hidden sizes {type(model.config).__name__} accepts with these heads (multiples of "
+                 f"{config_multiple})"] if config_multiple > 1 else [])
             raise HfCompressError(f"{budget.size} is not a multiple of {multiple}: {' and '.join(reasons)}")
         channels = select_hidden(scorer.hidden_scores(model), budget.size, budget.sparsity, multiple)
         corrections = norm_corrections(model, scorer.batches, channels) \
