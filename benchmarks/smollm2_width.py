@@ -8,12 +8,13 @@ perplexity 56.08 -> 149.52, and 40 healing steps (token-level KL to the teacher'
 - mixed:  hidden 576 -> 504 and FFN 1536 -> 1280 (Minitron prunes both; multiples of 8),          106.1 M
 transformers' LlamaConfig refuses a hidden size its 9 heads do not divide, so the hidden sizes are multiples of 9
 (450 is the nearest below 106.2 M; 504 = 7 x 72 is one of 8 and 9); no multiple of 32 except 288 is one of 9.
-and each is healed exactly as the recipe heals the depth-pruned model (same distillation options, data and steps).
+Each is healed exactly as the recipe heals the depth-pruned model (same distillation options, data and steps).
 
 Phase 1 (`--heal` not given): every arm pruned and scored before healing, the hidden and mixed arms with each
 channel importance (activation vs gradient) and RMSNorm handling (rescaled vs kept; the arms' defaults are
-activation and rescaled), compared on the VALIDATION split (the choice) and reported on the test split. Phase 2 (`--heal 40 [120 400] --arms depth mixed ...`): the arms healed with that many
-steps, test perplexity after healing.
+activation and rescaled), compared on the VALIDATION split (the choice) and reported on the test split.
+Phase 2 (`--heal 40 [120 400] --arms depth mixed ...`): the arms healed with that many steps, test perplexity
+after healing.
 
     python benchmarks/smollm2_width.py
     python benchmarks/smollm2_width.py --heal 40 --arms depth ffn hidden mixed
