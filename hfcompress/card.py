@@ -22,7 +22,7 @@ from .plotting import plot_size_vs_quality
 from .quantization import RECORD_FILE, QuantizationBackend, backend_for_checkpoint, read_record
 from .quantization.base import is_pruned_per_layer
 from .report import paired_timing
-from .run_dir import Row, RunDir, RunResults, TaskSummary
+from .run_dir import Row, RunDir, RunResults, StageRecord, TaskSummary
 from .sources import local_path
 
 CARD_FILE = "README.md"
@@ -283,9 +283,19 @@ def _lineage(run: Run, teacher: Teacher) -> str:
         produced = ", produced a model" if stage.produces_model else ""
         options = json.dumps({k: v for k, v in stage.options.items() if v is not None}, sort_keys=True)
         lines.append(f"- `{stage.id}` **{stage.stage}**{produced}, {stage.seconds:.0f} s: `{options}`")
+        lines += _hidden_size_change(stage)
     if run.results.final_model_dir:
         lines += ["", f"This repository holds the checkpoint of `{run.results.final_model_dir}`."]
     return "\n".join(lines)
+
+
+def _hidden_size_change(stage: StageRecord) -> list[str]:
+    """A line under a prune stage that narrowed the residual stream."""
+    hidden = stage.metrics.get("hidden_size") or {}
+    if hidden.get("before") in (None, hidden.get("after")):
+        return []
+    return [f"  - hidden size (the residual width) {hidden['before']} → {hidden['after']}: every embedding table, "
+            "projection, norm and the task head are narrower"]
 
 
 def _quality_metrics(run: Run) -> list[str]:
@@ -486,7 +496,7 @@ def _search(run: Run) -> str | None:
     statuses = Counter(entry["status"].split(" (")[0].split(":")[0] for entry in state["candidates"].values())
     lines = ["## How this model was chosen", "",
              f"`hfcompress search` with {budgets} ({state['schedule']}) looked at {len(state['candidates'])} "
-             "candidates (student depth, head and FFN sparsity, vocabulary, quantization format): "
+             "candidates (student depth, head and FFN sparsity, hidden size, vocabulary, quantization format): "
              + "; ".join(f"{count} {status}" for status, count in statuses.items()) + ".", "",
              "| candidate | training | size (MB) | quality kept (validation) | latency (ms) | on the front |",
              "|---|---|---|---|---|---|"]

@@ -12,7 +12,9 @@ builds `Compressed<TransformersClass>`: the transformers class itself, with two 
       {"format_version": 1, "layers_kept": [original index of each block],
        "attention_heads": [...], "key_value_heads": [...], "ffn_sizes": [...]}
   The model is built from the config as usual, then each block's projections are cut to these sizes before the
-  weights load. The config's own `num_attention_heads` / `intermediate_size` are the largest sizes.
+  weights load. The config's own `num_attention_heads` / `intermediate_size` are the largest sizes (after
+  hidden-size pruning of a BERT-style config, num_attention_heads is hidden_size / head size, which sets the head
+  size, and blocks may keep more heads than that).
 - config.json `quanto_quantization` ({"quantization_map", "group_size", "float_outputs"}): the weights were
   quantized with optimum-quanto, which transformers cannot load pre-quantized; `from_pretrained` rebuilds the
   quantized modules with `optimum.quanto.requantize` (pip install optimum-quanto) and loads the saved tensors.
@@ -154,7 +156,9 @@ def _cut_attention(layer: nn.Module, family: Family, set_head_counts, heads: int
 
 
 def _keep_first(module: nn.Module, outputs: int | None = None, inputs: int | None = None, blocks: int = 1) -> None:
-    """Keep the first `outputs` output features (of each of `blocks` equal blocks) and the first `inputs` inputs.
+    """Give the module `outputs` output features (in each of `blocks` equal blocks) and `inputs` input features: the
+    first ones where it has more, new uninitialised ones where it has fewer (a block can keep more heads than the
+    config's head count builds when hidden-size pruning lowered that count).
 
     nn.Linear stores its weight as [out, in], GPT-2's Conv1D as [in, out].
     """
@@ -162,12 +166,12 @@ def _keep_first(module: nn.Module, outputs: int | None = None, inputs: int | Non
     out_dim, in_dim = (1, 0) if is_conv1d else (0, 1)
     weight, bias = module.weight, module.bias
     if outputs is not None:
-        block = weight.shape[out_dim] // blocks
-        weight = torch.cat([weight.narrow(out_dim, i * block, outputs) for i in range(blocks)], dim=out_dim)
+        weight = torch.cat([_resized(block, out_dim, outputs) for block in weight.chunk(blocks, dim=out_dim)],
+                           dim=out_dim)
         if bias is not None:
-            bias = torch.cat([bias.narrow(0, i * block, outputs) for i in range(blocks)])
+            bias = torch.cat([_resized(block, 0, outputs) for block in bias.chunk(blocks)])
     if inputs is not None:
-        weight = weight.narrow(in_dim, 0, inputs)
+        weight = _resized(weight, in_dim, inputs)
     module.weight = nn.Parameter(weight.clone(), requires_grad=module.weight.requires_grad)
     if bias is not None:
         module.bias = nn.Parameter(bias.clone(), requires_grad=module.bias.requires_grad)
@@ -175,6 +179,15 @@ def _keep_first(module: nn.Module, outputs: int | None = None, inputs: int | Non
         module.nx, module.nf = weight.shape
     else:
         module.out_features, module.in_features = weight.shape
+
+
+def _resized(tensor: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """The first `size` entries along `dim`, padded with uninitialised ones (the saved weights replace them)."""
+    if size <= tensor.shape[dim]:
+        return tensor.narrow(dim, 0, size)
+    shape = list(tensor.shape)
+    shape[dim] = size - tensor.shape[dim]
+    return torch.cat([tensor, torch.empty(shape, dtype=tensor.dtype, device=tensor.device)], dim=dim)
 
 
 # ------------------------------------------------------------------------------------------- optimum-quanto

@@ -119,6 +119,8 @@ class SearchSpace(StrictModel):
     ffn_sparsity: list[float] = Field([0.0, 0.25, 0.5], min_length=1, description="share of FFN neurons pruned")
     vocabulary: list[int | None] = Field([None, 1, 2], min_length=1, description="min_frequency of a vocabulary "
                                                                                  "step (null: the whole vocabulary)")
+    hidden_size: list[int | None] = Field([None], min_length=1, description="hidden size the prune step keeps "
+                                                                           "(null: the student's own)")
     quantization: list[dict[str, Any]] = Field(default_factory=_default_search_formats, min_length=1,
                                                description="quantize variants, one per candidate")
 
@@ -127,6 +129,13 @@ class SearchSpace(StrictModel):
     def _positive_depths(cls, values):
         if any(value < 1 for value in values):
             raise ValueError("every depth must be at least 1")
+        return values
+
+    @field_validator("hidden_size")
+    @classmethod
+    def _positive_widths(cls, values):
+        if any(value is not None and value < 1 for value in values):
+            raise ValueError("every hidden size must be at least 1")
         return values
 
     @field_validator("heads_sparsity", "ffn_sparsity")

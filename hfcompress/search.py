@@ -2,7 +2,8 @@
 
 Cheap before expensive:
 1. The teacher is fine-tuned once (the recipe's `finetune` stage, if it has one) and scored on the validation split.
-2. Every combination of the search space (student depth, head and FFN sparsity, vocabulary, quantization format)
+2. Every combination of the search space (student depth, head and FFN sparsity, hidden size, vocabulary,
+   quantization format)
    is sized by the plan (`hfcompress.plan`, shapes on the meta device, the vocabulary step with the training
    split's token counts): a candidate over the size budget is never trained.
 3. Successive halving (Jamieson & Talwalkar, 2016; the inner loop of Hyperband, Li et al., 2017) over the largest
@@ -65,6 +66,7 @@ class Candidate:
     ffn_sparsity: float
     vocabulary: int | None  # min_frequency of the vocabulary step, None: the whole vocabulary
     variant: tuple  # the quantize variant as sorted (key, value) pairs (hashable)
+    hidden_size: int | None = None  # kept by the prune step; None: the student's own
 
     @property
     def variant_options(self) -> dict:
@@ -77,12 +79,14 @@ class Candidate:
     @property
     def name(self) -> str:
         vocabulary = "full" if self.vocabulary is None else f"f{self.vocabulary}"
-        return (f"L{self.num_layers}-h{round(100 * self.heads_sparsity)}-f{round(100 * self.ffn_sparsity)}"
+        hidden = "" if self.hidden_size is None else f"-d{self.hidden_size}"
+        return (f"L{self.num_layers}-h{round(100 * self.heads_sparsity)}-f{round(100 * self.ffn_sparsity)}{hidden}"
                 f"-v{vocabulary}-{self.format_name}")
 
     def settings(self) -> dict:
         return {"num_layers": self.num_layers, "heads_sparsity": self.heads_sparsity,
-                "ffn_sparsity": self.ffn_sparsity, "vocabulary": self.vocabulary, "quantization": self.variant_options}
+                "ffn_sparsity": self.ffn_sparsity, "vocabulary": self.vocabulary, "quantization": self.variant_options,
+                **({"hidden_size": self.hidden_size} if self.hidden_size is not None else {})}
 
     def stages(self, options: SearchOptions, share: float, seed: int | None = None, final: bool = False) -> list:
         """The candidate's pipeline with `share` of the last rung's training (distill, prune, recover, quantize)."""
@@ -96,6 +100,8 @@ class Candidate:
             prune["heads"] = {"sparsity": self.heads_sparsity}
         if self.ffn_sparsity:
             prune["ffn"] = {"sparsity": self.ffn_sparsity}
+        if self.hidden_size is not None:
+            prune["hidden"] = {"size": self.hidden_size}
         if self.vocabulary is not None:
             prune["vocabulary"] = {"min_frequency": self.vocabulary}
         if prune:
@@ -120,7 +126,7 @@ def candidates(options: SearchOptions, teacher_layers: int) -> list[Candidate]:
     if not depths:
         raise HfCompressError(f"search.space.num_layers: the teacher has {teacher_layers} layers; give depths below it")
     return [Candidate(*values) for values in itertools.product(
-        depths, space.heads_sparsity, space.ffn_sparsity, space.vocabulary, variants)]
+        depths, space.heads_sparsity, space.ffn_sparsity, space.vocabulary, variants, space.hidden_size)]
 
 
 # ------------------------------------------------------------------------------------------------ Pareto front

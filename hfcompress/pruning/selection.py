@@ -32,6 +32,7 @@ class _Unit:
 def select_heads(
     scores, sparsity: float | None = None, count: int | None = None, scope: str = "global",
     min_heads_per_layer: int = 1, group_size: int | Sequence[int] = 1, group_strategy: str = "whole_groups",
+    multiple: int = 1,
 ) -> dict[int, list[int]]:
     """Query heads to remove, `{layer: [head, ...]}`.
 
@@ -39,7 +40,7 @@ def select_heads(
     uneven pruning) needs every group of a layer to keep the same number of query heads: "whole_groups" removes
     entire groups (scored by the sum of their heads), "heads_per_group" removes the same number of heads from
     every group (each group's least important first). The budget counts query heads and is rounded down to what
-    whole units allow.
+    whole units allow. `multiple` > 1: every layer then keeps a multiple of that many heads (see `_select`).
     """
     if min_heads_per_layer < 1:
         raise HfCompressError("min_heads_per_layer must be at least 1: to remove every head of a layer, drop the layer")
@@ -53,21 +54,22 @@ def select_heads(
         _head_units(layer, row, size, group_strategy)
         for layer, (row, size) in enumerate(zip(rows, group_sizes, strict=True))
     ]
-    return _select(units, [len(row) for row in rows], sparsity, count, scope, min_heads_per_layer)
+    return _select(units, [len(row) for row in rows], sparsity, count, scope, min_heads_per_layer, multiple)
 
 
 def select_ffn(
     scores, sparsity: float | None = None, count: int | None = None, scope: str = "global",
-    min_neurons_per_layer: int = 1,
+    min_neurons_per_layer: int = 1, multiple: int = 1,
 ) -> dict[int, list[int]]:
-    """Feed-forward neurons to remove, `{layer: [neuron, ...]}`."""
+    """Feed-forward neurons to remove, `{layer: [neuron, ...]}`; with `multiple` > 1 every layer keeps a multiple
+    of that many neurons."""
     if min_neurons_per_layer < 1:
         raise HfCompressError("min_neurons_per_layer must be at least 1: to remove a whole block, drop the layer")
     rows = _rows(scores)
     units = [
         [_Unit(layer, (neuron,), float(score)) for neuron, score in enumerate(row)] for layer, row in enumerate(rows)
     ]
-    return _select(units, [len(row) for row in rows], sparsity, count, scope, min_neurons_per_layer)
+    return _select(units, [len(row) for row in rows], sparsity, count, scope, min_neurons_per_layer, multiple)
 
 
 def select_layers(scores, drop: int) -> list[int]:
@@ -94,7 +96,12 @@ def _head_units(layer: int, row: torch.Tensor, group_size: int, strategy: str) -
     ]
 
 
-def _select(units_per_layer, sizes, sparsity, count, scope, min_keep) -> dict[int, list[int]]:
+def _select(units_per_layer, sizes, sparsity, count, scope, min_keep, multiple=1) -> dict[int, list[int]]:
+    """Lowest scores first within the budget; with `multiple` > 1, each layer's kept count is then moved to the
+    nearest multiple (kernels such as ONNX Runtime's MatMulNBits need input widths in whole blocks), taking or
+    giving back that layer's units in score order, so a global budget is met only approximately."""
+    if multiple < 1:
+        raise HfCompressError(f"the multiple widths are rounded to must be at least 1, got {multiple}")
     if scope not in SCOPES:
         raise HfCompressError(f"unknown scope {scope!r} (use one of {', '.join(SCOPES)})")
     _check_budget(sparsity, count, sum(sizes))
@@ -110,7 +117,27 @@ def _select(units_per_layer, sizes, sparsity, count, scope, min_keep) -> dict[in
             for unit in sorted(units, key=lambda unit: unit.score):
                 if selection.removed[layer] + len(unit.members) <= quota:
                     selection.take_if_allowed(unit)
+    if multiple > 1:
+        return _rounded(units_per_layer, sizes, selection.removed, min_keep, multiple)
     return selection.chosen()
+
+
+def _rounded(units_per_layer, sizes, removed, min_keep, multiple) -> dict[int, list[int]]:
+    """Per layer: remove the lowest-scored units such that the kept count is a multiple of `multiple`, as close as
+    possible to what the budget removed (ties keep more)."""
+    chosen = {}
+    for layer, units in enumerate(units_per_layer):
+        unit_size = len(units[0].members) if units else 1  # a layer's units are all the same size
+        counts = [count for count in range(len(units) + 1)
+                  if (sizes[layer] - count * unit_size) % multiple == 0 and sizes[layer] - count * unit_size >= min_keep]
+        if not counts:
+            raise HfCompressError(f"layer {layer}: none of the widths its {sizes[layer]} units can be cut to in steps "
+                                  f"of {unit_size} is a multiple of {multiple}")
+        count = min(counts, key=lambda count: (abs(count * unit_size - removed[layer]), count))
+        taken = sorted(units, key=lambda unit: unit.score)[:count]
+        if taken:
+            chosen[layer] = sorted(member for unit in taken for member in unit.members)
+    return chosen
 
 
 class _Selection:

@@ -63,11 +63,15 @@ class OnnxOptions(VariantOptions):
     calibration_method: Literal["minmax", "entropy", "percentile"] = "minmax"  # int8-static
     block_size: Literal[16, 32, 64, 128, 256] = 32  # int4: input features per scale
     accuracy_level: Literal[0, 1, 2, 3, 4] | None = None  # int4: MatMulNBits compute type (4: int8 activations)
+    # int4: the embedding tables 4-bit too, in blocks of `block_size` along the hidden size (GatherBlockQuantized);
+    # int8 always stores them as uint8.
+    quantize_embeddings: bool = False
 
     @model_validator(mode="after")
     def _only_keys_of_this_quantization(self):
         applies_to = {"per_channel": ("int8-dynamic", "int8-static"), "calibration_batches": ("int8-static",),
-                      "calibration_method": ("int8-static",), "block_size": ("int4",), "accuracy_level": ("int4",)}
+                      "calibration_method": ("int8-static",), "block_size": ("int4",), "accuracy_level": ("int4",),
+                      "quantize_embeddings": ("int4",)}
         given = [key for key in self.options_given(applies_to) if self.quantization not in applies_to[key]]
         if given:
             raise ValueError("; ".join(f"{key} only applies to quantization: {' or '.join(applies_to[key])}"
@@ -89,6 +93,7 @@ class OnnxBackend(QuantizationBackend):
         name = QUANTIZATION_NAMES[options.quantization]
         if options.quantization == "int4" and options.block_size != 32:
             name += f"-b{options.block_size}"
+        name += "-emb" if options.quantize_embeddings else ""
         return name + ("" if options.optimize else "-unfused")
 
     @property
@@ -128,7 +133,8 @@ class OnnxBackend(QuantizationBackend):
                 quantize_int8_static(graph, target, batches, options.per_channel, options.calibration_method,
                                      keep_float)
             else:
-                quantize_int4(graph, target, options.block_size, options.accuracy_level, keep_float)
+                quantize_int4(graph, target, options.block_size, options.accuracy_level, keep_float,
+                              options.quantize_embeddings)
             model = runtime_class(target, config, num_parameters)
         except HfCompressError as error:
             shutil.rmtree(work, ignore_errors=True)
@@ -149,7 +155,8 @@ class OnnxBackend(QuantizationBackend):
     def estimated_size(self, model: nn.Module) -> int | None:
         """The graph's weights and nodes: int8 puts one byte per weight in every linear layer (plus a float32 scale
         and a zero point per output channel) and in every embedding table; int4 half a byte per linear weight plus
-        a float32 scale per block and leaves embeddings float32. None with `optimize`: which fusions apply, and so
+        a float32 scale per block and leaves embeddings float32 unless `quantize_embeddings` (then priced the same
+        way along their rows). None with `optimize`: which fusions apply, and so
         which weights stay float32 (a fused Attention's), is known only once the graph is built."""
         options = self.options
         if options.optimize and options.quantization != "none":
@@ -168,6 +175,9 @@ class OnnxBackend(QuantizationBackend):
                                else rows * columns // 2 + 4 * rows * -(-columns // options.block_size))
             if isinstance(module, nn.Embedding) and int8:
                 return module.weight.numel()
+            if isinstance(module, nn.Embedding) and options.quantize_embeddings:
+                rows, columns = module.weight.shape
+                return rows * columns // 2 + 4 * rows * -(-columns // options.block_size)
             return None
 
         graph = GRAPH_BYTES_PER_BLOCK * getattr(model.config, "num_hidden_layers", 1)

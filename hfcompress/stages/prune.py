@@ -1,5 +1,6 @@
-"""`prune`: remove whole layers, attention heads and FFN neurons, chosen by measured importance (or at random,
-as the control that importance must beat), and the vocabulary entries the training split never uses.
+"""`prune`: remove whole layers, attention heads, FFN neurons and hidden channels (the residual width), chosen by
+measured importance (or at random, as the control that importance must beat), and the vocabulary entries the
+training split never uses. `round_to` keeps every width it chooses a multiple of a kernel's block.
 Recovery is the next stage in the recipe: a short finetune or distill.
 """
 
@@ -15,9 +16,15 @@ import torch
 from pydantic import Field, model_validator
 
 from ..data import load_split_texts
+from ..errors import HfCompressError
 from ..evaluation import count_parameters, size_on_disk
 from ..pruning import (
     adapter_for,
+    hidden_importance,
+    hidden_size_multiple,
+    norm_corrections,
+    prune_hidden,
+    select_hidden,
     ffn_importance,
     head_importance,
     layer_importance,
@@ -68,6 +75,23 @@ class FfnBudget(_Budget):
     method: Literal["gradient", "magnitude"] = "gradient"
 
 
+class HiddenBudget(StrictModel):
+    """The residual width: `size` channels kept, or `sparsity` of them removed (the kept width then rounded)."""
+
+    size: int | None = Field(None, ge=1, description="hidden size to keep")
+    sparsity: float | None = Field(None, gt=0, lt=1)
+    method: Literal["activation", "gradient"] = "activation"
+    norms: Literal["rescale", "keep"] = Field(
+        "rescale", description="rescale: fold the measured change of each norm's statistics into its weight (and "
+                               "LayerNorm's bias); keep: leave the norms' parameters as they are")
+
+    @model_validator(mode="after")
+    def _one_budget(self):
+        if (self.size is None) == (self.sparsity is None):
+            raise ValueError("give exactly one of `size` (channels kept) or `sparsity` (a fraction)")
+        return self
+
+
 class LayerBudget(StrictModel):
     drop: int = Field(ge=1)
     method: Literal["block_influence", "loss"] = "block_influence"
@@ -87,7 +111,11 @@ class PruneOptions(StageOptions):
     layers: LayerBudget | None = None
     heads: HeadBudget | None = None
     ffn: FfnBudget | None = None
+    hidden: HiddenBudget | None = None
     vocabulary: VocabularyBudget | None = None
+    round_to: int | None = Field(None, ge=2, description="every width this stage chooses (heads x head size, FFN, "
+                                                         "hidden) becomes a multiple of this, e.g. 32 for 4-bit "
+                                                         "kernels that quantize blocks of 32 inputs")
     selection: Literal["importance", "random"] = "importance"
     seed: int | None = Field(None, description="random selection: its seed (default: the recipe's)")
     calibration_samples: int = Field(256, ge=1)
@@ -95,8 +123,8 @@ class PruneOptions(StageOptions):
 
     @model_validator(mode="after")
     def _something_to_prune(self):
-        if not (self.layers or self.heads or self.ffn or self.vocabulary):
-            raise ValueError("give at least one of `layers`, `heads`, `ffn`, `vocabulary`")
+        if not (self.layers or self.heads or self.ffn or self.hidden or self.vocabulary):
+            raise ValueError("give at least one of `layers`, `heads`, `ffn`, `hidden`, `vocabulary`")
         return self
 
 
@@ -111,10 +139,12 @@ class PruneStage(Stage):
         options = self.options
         model = ctx.load_model()
         random = options.selection == "random"
+        rescaled = options.hidden is not None and options.hidden.norms == "rescale"
         batches = ctx.calibration_batches(options.calibration_samples, options.calibration_batch_size) \
-            if self._kinds() and not random else []
-        scorer = _RandomChoice(self._seed(ctx.recipe)) if random else _Importance(options, batches)
+            if (self._kinds() and not random) or rescaled else []
+        scorer = _RandomChoice(self._seed(ctx.recipe), batches) if random else _Importance(options, batches)
         before = count_parameters(model)
+        hidden_before = model.config.hidden_size
         removed = {kind: getattr(self, f"_prune_{kind}")(model, scorer) for kind in self._kinds()}
         model.zero_grad(set_to_none=True)
         tokenizer, vocabulary = ctx.tokenizer, None
@@ -133,6 +163,8 @@ class PruneStage(Stage):
             "removed": {kind: _counts(kind, value) for kind, value in removed.items()},
             **({"vocabulary": vocabulary} if vocabulary else {}),
             "layer_shapes": [dataclasses.asdict(shape) for shape in layer_shapes(model)],
+            "hidden_size": {"before": hidden_before, "after": model.config.hidden_size},
+            **({"round_to": options.round_to} if options.round_to else {}),
             "loader": "transformers (trust_remote_code=True)" if needs_structure_record(model) else "transformers",
             "selection": options.selection,
         })
@@ -184,13 +216,16 @@ class PruneStage(Stage):
         for kind in self._kinds():
             budget = getattr(self.options, kind)
             before = layer_shapes(model)
-            key = (kind, "drop") if kind == "layers" else (kind, "sparsity" if budget.sparsity is not None else "count")
+            key = (kind, _budget_key(kind, budget))
             with planner.checking(*key):
                 removed = getattr(self, f"_prune_{kind}")(model, scorer)
             if kind == "layers":
                 exact = exact and len({(s.heads, s.kv_heads, s.ffn_size) for s in before}) == 1
-            else:
+            elif kind in ("heads", "ffn"):
                 _check_budget_met(planner, key, budget, removed, before, kind)
+                # rounding each layer's width to round_to moves the total with the layers importance picks
+                exact = exact and not (self.options.round_to and budget.scope == "global"
+                                       and self.options.selection == "importance")
         scopes = [getattr(self.options, kind).scope for kind in ("heads", "ffn") if getattr(self.options, kind)]
         known = shape.per_layer_known and (self.options.selection == "random" or set(scopes) <= {"uniform"})
         pruned_vocabulary = shape.vocabulary_pruned
@@ -215,7 +250,7 @@ class PruneStage(Stage):
 
     def _kinds(self) -> list[str]:
         """The structural kinds, in the order they run in (the vocabulary comes after them, in `run`)."""
-        return [kind for kind in ("layers", "heads", "ffn") if getattr(self.options, kind)]
+        return [kind for kind in ("layers", "heads", "ffn", "hidden") if getattr(self.options, kind)]
 
     def _seed(self, recipe) -> int:
         return recipe.seed if self.options.seed is None else self.options.seed
@@ -228,16 +263,40 @@ class PruneStage(Stage):
     def _prune_heads(self, model, scorer) -> dict[int, list[int]]:
         budget = self.options.heads
         group_size = [shape.heads // shape.kv_heads for shape in layer_shapes(model)]
+        adapter = adapter_for(model)
+        head_size = adapter.attention(adapter.layers(model)[0]).head_size
+        multiple = self._round_to // math.gcd(self._round_to, head_size)  # heads whose features fill whole blocks
         heads = select_heads(scorer.head_scores(model), budget.sparsity, budget.count, budget.scope,
-                             budget.min_per_layer, group_size=group_size, group_strategy=budget.group_strategy)
+                             budget.min_per_layer, group_size=group_size, group_strategy=budget.group_strategy,
+                             multiple=multiple)
         prune_heads(model, heads)
         return heads
 
     def _prune_ffn(self, model, scorer) -> dict[int, list[int]]:
         budget = self.options.ffn
-        neurons = select_ffn(scorer.ffn_scores(model), budget.sparsity, budget.count, budget.scope)
+        neurons = select_ffn(scorer.ffn_scores(model), budget.sparsity, budget.count, budget.scope,
+                             multiple=self._round_to)
         prune_ffn(model, neurons)
         return neurons
+
+    def _prune_hidden(self, model, scorer) -> list[int]:
+        budget = self.options.hidden
+        config_multiple = hidden_size_multiple(model)
+        multiple = math.lcm(self._round_to, config_multiple)
+        if budget.size is not None and budget.size % multiple:
+            reasons = ([f"round_to {self._round_to}"] if self._round_to > 1 else []) + (
+                [f"the hidden sizes {type(model.config).__name__} accepts with these heads (multiples of "
+                 f"{config_multiple})"] if config_multiple > 1 else [])
+            raise HfCompressError(f"{budget.size} is not a multiple of {multiple}: {' and '.join(reasons)}")
+        channels = select_hidden(scorer.hidden_scores(model), budget.size, budget.sparsity, multiple)
+        corrections = norm_corrections(model, scorer.batches, channels) \
+            if budget.norms == "rescale" and scorer.batches else None
+        prune_hidden(model, channels, corrections)
+        return channels
+
+    @property
+    def _round_to(self) -> int:
+        return self.options.round_to or 1
 
 
 class _Importance:
@@ -255,12 +314,17 @@ class _Importance:
     def ffn_scores(self, model):
         return ffn_importance(model, self.batches, self.options.ffn.method)
 
+    def hidden_scores(self, model):
+        return hidden_importance(model, self.batches, self.options.hidden.method)
+
 
 class _RandomChoice:
-    """Random scores: the same budget spent blindly, the control that measured importance must beat."""
+    """Random scores: the same budget spent blindly, the control that measured importance must beat. `batches`
+    (none in the plan) still measure the norms' statistics when hidden channels go."""
 
-    def __init__(self, seed: int):
+    def __init__(self, seed: int, batches: list[dict] | None = None):
         self.generator = torch.Generator().manual_seed(seed)
+        self.batches = batches or []
 
     def layer_scores(self, model) -> torch.Tensor:
         return self._scores(len(layer_shapes(model)))
@@ -270,6 +334,9 @@ class _RandomChoice:
 
     def ffn_scores(self, model) -> list[torch.Tensor]:
         return [self._scores(shape.ffn_size) for shape in layer_shapes(model)]
+
+    def hidden_scores(self, model) -> torch.Tensor:
+        return self._scores(model.config.hidden_size)
 
     def _scores(self, size: int) -> torch.Tensor:
         return torch.rand(size, generator=self.generator)
@@ -308,8 +375,17 @@ def _check_budget_met(planner, key: tuple, budget, removed: dict, shapes: list, 
         planner.fail(key, f"{what} removes none of the {total} {unit_name}: it rounds down to nothing{grouped}")
 
 
-def _counts(kind: str, removed) -> object:
+def _budget_key(kind: str, budget) -> str:
+    """The option that sets a kind's budget, for errors about it."""
     if kind == "layers":
-        return removed
+        return "drop"
+    if kind == "hidden":
+        return "size" if budget.size is not None else "sparsity"
+    return "sparsity" if budget.sparsity is not None else "count"
+
+
+def _counts(kind: str, removed) -> object:
+    if kind in ("layers", "hidden"):
+        return removed if kind == "layers" else len(removed)
     return {int(layer): len(units) for layer, units in removed.items()}
 
