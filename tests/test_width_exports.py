@@ -21,7 +21,6 @@ from hfcompress.pruning import hidden_importance, needs_structure_record, prune_
 from hfcompress.errors import HfCompressError
 from hfcompress.quantization import parse_variant, quantize, save_quantized, variant_name
 
-from test_gguf import bpe_tokenizer  # noqa: F401 (a fixture)
 
 VOCAB = 640
 
