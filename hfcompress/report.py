@@ -213,7 +213,7 @@ def perturbation_cell(scores: dict[str, float] | None, template: str) -> str:
         return "-"
     if "increase" in scores:
         return f"ppl +{100 * scores['increase']:.1f}%"
-    return template.format(change=-scores["drop"], flipped=100 * scores["flipped"])
+    return template.format(change=0.0 - scores["drop"], flipped=100 * scores["flipped"])  # 0.0 - 0.0: no "-0.0"
 
 
 def robustness_lines(rows: list[Row]) -> list[str]:
