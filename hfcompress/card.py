@@ -16,14 +16,14 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, get_token
 
 from .errors import HfCompressError
+from .explanations import load_attributions
 from .fileio import read_json, write_text
 from .modeling_hfcompress import QUANTO_KEY, STRUCTURE_KEY
-from .explanations import load_attributions
 from .plotting import plot_size_vs_quality, plot_word_attributions
 from .quantization import RECORD_FILE, QuantizationBackend, backend_for_checkpoint, read_record
 from .quantization.base import is_pruned_per_layer
 from .report import paired_timing, perturbation_cell
-from .run_dir import Row, RunDir, RunResults, TaskSummary
+from .run_dir import Explanations, Row, RunDir, RunResults, TaskSummary
 from .sources import local_path
 
 CARD_FILE = "README.md"
@@ -428,22 +428,28 @@ def _beyond_accuracy(run: Run, plot_file: str | None) -> str | None:
         cells += [perturbation_cell(row.robustness.get(name), "{change:+.1f} pts, {flipped:.1f}% flipped")
                   if name in row.robustness else "–" for name in perturbations]
         body.append(cells)
+    notes = _beyond_accuracy_notes(explained, teacher.label, metric, bool(extra_sets), bool(perturbations))
+    picture = _attributions_picture_link(run, plot_file)
+    return "\n".join(["## What compression changed besides accuracy", "", *_markdown_table(header, body), "",
+                      notes, *picture])
+
+
+def _beyond_accuracy_notes(explained: Explanations | None, teacher: str, metric: str, extra_sets: bool,
+                           perturbations: bool) -> str:
     notes = []
     if explained:
         notes.append(f"Word attributions: for {explained.num_examples} sampled test examples, how much removing "
                      f"each word ({explained.method}, baseline '{explained.baseline}') lowers the log-odds of "
-                     f"the class `{teacher.label}` predicted; the share of `{teacher.label}`'s "
-                     f"{explained.top_k} most important words that the model also ranks top, and the Spearman "
-                     "correlation of the two rankings, averaged over examples.")
+                     f"the class `{teacher}` predicted; the share of `{teacher}`'s {explained.top_k} most important "
+                     "words that the model also ranks top, and the Spearman correlation of the two rankings, "
+                     "averaged over examples.")
     if extra_sets:
-        notes.append(f"Out of domain: {metric} on other data of the same task, ratio to `{teacher.label}`'s.")
+        notes.append(f"Out of domain: {metric} on other data of the same task, ratio to `{teacher}`'s.")
     if perturbations:
         notes.append("Perturbed test text (typos, casing, punctuation removed, words dropped ...; seeded, labels "
                      "kept): the change in accuracy from the clean test split, and the share of predictions that "
                      "flipped.")
-    picture = _attributions_picture_link(run, plot_file)
-    return "\n".join(["## What compression changed besides accuracy", "", *_markdown_table(header, body), "",
-                      " ".join(notes), *picture])
+    return " ".join(notes)
 
 
 def _markdown_table(header: list[str], body: list[list[str]]) -> list[str]:
