@@ -166,31 +166,8 @@ def plot_word_attributions(examples: list[dict], path: Path, width_inches: float
     if not examples:
         return None
     figure = Figure(figsize=(width_inches, 1), dpi=110)
-    renderer = FigureCanvasAgg(figure).get_renderer()
     font = FontProperties(size=11)
-    space = renderer.get_text_width_height_descent("n ", font, ismath=False)[0] * 0.6
-    line_px = 2.0 * font.get_size_in_points() * figure.dpi / 72
-    usable = 0.96 * width_inches * figure.dpi
-    label_px = max(renderer.get_text_width_height_descent(label, font, ismath=False)[0]
-                   for example in examples for label, _ in example["models"]) + 2 * space
-
-    layout, y = [], 0.5 * line_px
-    for example in examples:
-        layout.append(("title", example["title"], 0.0, y))
-        y += line_px
-        scale = max((abs(v) for _, values in example["models"] for v in values), default=0.0) or 1.0
-        for label, values in example["models"]:
-            layout.append(("label", label, 0.0, y))
-            x = label_px
-            for word, value in zip(example["words"], values):
-                width = renderer.get_text_width_height_descent(word, font, ismath=False)[0]
-                if x + width > usable and x > label_px:
-                    x, y = label_px, y + line_px
-                layout.append(("word", word, x, y, value / scale))
-                x += width + space
-            y += line_px
-        y += 0.4 * line_px
-    height_px = y + 0.2 * line_px
+    layout, height_px = _word_layout(examples, FigureCanvasAgg(figure).get_renderer(), font, width_inches * figure.dpi)
     figure.set_size_inches(width_inches, height_px / figure.dpi)
     colours = colormaps["coolwarm"]
     left = 0.02 * width_inches * figure.dpi
@@ -202,6 +179,34 @@ def plot_word_attributions(examples: list[dict], path: Path, width_inches: float
             figure.text(*position, text, fontproperties=FontProperties(size=10, weight="bold"), va="center")
         else:
             figure.text(*position, text, fontproperties=font, va="center",
+                        color="white" if abs(value[0]) > 0.6 else "black",
                         bbox={"facecolor": colours(0.5 + 0.5 * value[0]), "edgecolor": "none", "pad": 1.5})
     save_figure(figure, Path(path))
     return Path(path)
+
+
+def _word_layout(examples: list[dict], renderer, font: FontProperties, width_px: float) -> tuple[list[tuple], float]:
+    """Where each title, model label and word goes (pixels from the top left; words wrap under their model's label),
+    with each word's attribution scaled to [-1, 1] per example; and the height all of it needs."""
+    measure = lambda text: renderer.get_text_width_height_descent(text, font, ismath=False)[0]
+    space = measure("n ") * 0.6
+    line_px = 2.0 * font.get_size_in_points() * renderer.dpi / 72
+    usable = 0.96 * width_px
+    label_px = max(measure(label) for example in examples for label, _ in example["models"]) + 2 * space
+    layout, y = [], 0.5 * line_px
+    for example in examples:
+        layout.append(("title", example["title"], 0.0, y))
+        y += line_px
+        scale = max((abs(v) for _, values in example["models"] for v in values), default=0.0) or 1.0
+        for label, values in example["models"]:
+            layout.append(("label", label, 0.0, y))
+            x = label_px
+            for word, value in zip(example["words"], values):
+                width = measure(word)
+                if x + width > usable and x > label_px:
+                    x, y = label_px, y + line_px
+                layout.append(("word", word, x, y, value / scale))
+                x += width + space
+            y += line_px
+        y += 0.4 * line_px
+    return layout, y + 0.2 * line_px
