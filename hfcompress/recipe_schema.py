@@ -39,6 +39,8 @@ class DatasetSource(StrictModel):
     name: str | None = None
     data_files: str | list[str] | dict[str, str | list[str]] | None = None
     revision: str | None = None
+    load_options: dict[str, Any] = Field(default_factory=dict, description="more `load_dataset` keyword arguments, "
+                                                                           "e.g. {sep: \"\\t\"} for tab-separated files")
 
     def describe(self) -> str:
         if self.data_files is None:
@@ -47,10 +49,15 @@ class DatasetSource(StrictModel):
 
 
 class ExtraEvaluationSet(DatasetSource):
-    """A further test set from another source (same text and label columns as the task), scored on its own."""
+    """A further test set from another source of the same task, scored on its own."""
 
     split: str = "train"
     label: str | None = Field(None, description="how reports name it; default: the source")
+    text_column: str | None = Field(None, description="default: the task's")
+    label_column: str | None = Field(None, description="default: the task's")
+    label_map: dict[str, str] = Field(default_factory=dict, description="this source's labels -> the task's label "
+                                                                        "names; rows with other labels are dropped")
+    max_samples: int | None = Field(None, ge=1, description="a seeded subset of this many rows")
 
     @property
     def display_name(self) -> str:

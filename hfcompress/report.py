@@ -116,6 +116,9 @@ def fidelity_rows(results: RunResults) -> tuple[list[str], list[list[str]]]:
     compared_columns = ["top-1 agree", "KL"] if causal else ["agree", "KL", "r→w", "w→r"]
     header = ["model", "ECE", *(f"{name} T" for name in compared_columns),
               *(f"{name} prev" for name in compared_columns)]
+    explained = any(row.explanations for row in rows)
+    if explained:
+        header += attribution_header(rows)
     if not causal:
         header.append("F1 per class (change vs T)")
     body = []
@@ -124,10 +127,25 @@ def fidelity_rows(results: RunResults) -> tuple[list[str], list[list[str]]]:
         cells = [row.label, _number(row.metrics["ece"], 1, 3)]
         for role in ("teacher", "previous"):
             cells += _compared_cells(fidelity.get(role), causal)
+        if explained:
+            cells += attribution_cells(row)
         if not causal:
             cells.append(_per_class_cell(row.metrics.get("per_class_f1", {}), fidelity.get("teacher")))
         body.append(cells)
     return header, body
+
+
+def attribution_header(rows: list[Row]) -> list[str]:
+    k = next(row.explanations.top_k for row in rows if row.explanations)
+    return [f"attr top-{k} T", "attr rho T"]
+
+
+def attribution_cells(row: Row) -> list[str]:
+    """Top-k word overlap and Spearman correlation of the row's word attributions with the teacher's."""
+    compared = row.explanations.teacher if row.explanations else None
+    if compared is None:
+        return ["-", "-"]
+    return [_number(compared.top_k_overlap, 1, 2), _number(compared.spearman, 1, 2)]
 
 
 def _compared_cells(compared: dict | None, causal: bool) -> list[str]:
@@ -159,11 +177,53 @@ def format_fidelity_table(results: RunResults) -> str:
             f"{f' over the {kl_over}' if kl_over else ''}; r→w / w→r: test examples the reference got right and this "
             f"model gets wrong / the other way round; ECE: expected calibration error, {bins} equal-width bins")
     lines = [f"fidelity and calibration of {len(body)} model(s)", *_aligned(header, body), note]
+    lines += [explanation_note(rows)] if any(row.explanations for row in rows) else []
     examples = _flip_examples(rows)
     if examples:
         lines += ["flipped against the teacher (a few):", *examples]
     lines += _extra_dataset_tables(rows)
+    lines += robustness_lines(rows)
     return "\n".join(lines)
+
+
+def explanation_note(rows: list[Row]) -> str:
+    settings = next(row.explanations for row in rows if row.explanations)
+    return (f"attr: word attributions ({settings.method}, words ablated by '{settings.baseline}') of the "
+            f"teacher's predicted class on {settings.num_examples} sampled examples; top-{settings.top_k}: share "
+            f"of the teacher's {settings.top_k} most important words among the model's, rho: Spearman rank "
+            f"correlation over each example's words, both averaged over examples")
+
+
+def robustness_rows(rows: list[Row]) -> tuple[list[str], list[list[str]]]:
+    """Per model and perturbation: accuracy change from clean (points) and the share of predictions that flipped;
+    causal LMs: the perplexity increase over the clean text."""
+    rows = [row for row in rows if row.robustness]
+    if not rows:
+        return [], []
+    names = list(dict.fromkeys(name for row in rows for name in row.robustness))
+    body = [[row.label, *(perturbation_cell(row.robustness.get(name), "{change:+.1f} ({flipped:.1f}%)")
+                          for name in names)] for row in rows]
+    return ["model", *names], body
+
+
+def perturbation_cell(scores: dict[str, float] | None, template: str) -> str:
+    """One model's scores under one perturbation: `template` formats the accuracy change in points and the percentage
+    of predictions that flipped; a causal LM's shows its perplexity increase."""
+    if scores is None:
+        return "-"
+    if "increase" in scores:
+        return f"ppl +{100 * scores['increase']:.1f}%"
+    return template.format(change=0.0 - scores["drop"], flipped=100 * scores["flipped"])  # 0.0 - 0.0: no "-0.0"
+
+
+def robustness_lines(rows: list[Row]) -> list[str]:
+    header, body = robustness_rows(rows)
+    if not header:
+        return []
+    causal = any("increase" in scores for row in rows for scores in row.robustness.values())
+    title = ("robustness: perplexity of perturbed text against the clean text" if causal else
+             "robustness: accuracy change under each perturbation, points (share of predictions that flipped)")
+    return [title, *_aligned(header, body)]
 
 
 def _extra_dataset_tables(rows: list[Row]) -> list[str]:
@@ -174,12 +234,13 @@ def _extra_dataset_tables(rows: list[Row]) -> list[str]:
         scored = [(row.label, row.extra_datasets[name]) for row in rows if name in row.extra_datasets]
         quality = [metric for metric in QUALITY_METRICS if metric in scored[0][1].metrics]
         causal = "perplexity" in quality
-        header = ["model", *quality, "ECE", "top-1 agree T" if causal else "agree T", "KL T"]
+        header = ["model", *quality, f"{quality[0]} vs T", "ECE", "top-1 agree T" if causal else "agree T", "KL T"]
+        teacher = next((entry for label, entry in scored if label == "teacher"), scored[0][1]).metrics
         body = []
         for label, entry in scored:
             m = entry.metrics
             cells = [label, *(_number(m.get(metric), 1, 2 if metric == "perplexity" else 4) for metric in quality),
-                     _number(m.get("ece"), 1, 3)]
+                     _ratio(m.get(quality[0]), teacher.get(quality[0]), percent=True), _number(m.get("ece"), 1, 3)]
             body.append(cells + _compared_cells(entry.fidelity.get("teacher"), causal)[:2])
         lines += [f"extra evaluation set {name} ({scored[0][1].metrics.get('num_examples', '?')} examples):",
                   *_aligned(header, body)]

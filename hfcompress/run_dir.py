@@ -42,6 +42,33 @@ class Evaluation(_Record):
     fidelity: dict[str, dict[str, Any]] = Field(default_factory=dict)
 
 
+class AttributionComparison(_Record):
+    """A model's word attributions against an earlier row's, averaged over the explained examples."""
+
+    label: str
+    top_k_overlap: float | None
+    spearman: float | None
+    examples: int
+
+
+class ShownExample(_Record):
+    position: int  # in the explained sample
+    text: str
+
+
+class Explanations(_Record):
+    """Word attributions of the teacher's predicted class on a fixed sample of the split (hfcompress.explanations),
+    compared with earlier rows' ("teacher", "previous")."""
+
+    method: str
+    baseline: str
+    top_k: int
+    num_examples: int
+    shown: list[ShownExample] = Field(default_factory=list)  # a few readable sentences, for pictures
+    teacher: AttributionComparison | None = None
+    previous: AttributionComparison | None = None
+
+
 class Row(Evaluation):
     """One evaluated model: a row of the results table."""
 
@@ -50,6 +77,10 @@ class Row(Evaluation):
     model_dir: str | None = None  # relative to the run folder; a Hub id or package reference for the teacher
     variant: str | None = None  # the quantized variant's name, for the rows of a quantize stage
     extra_datasets: dict[str, Evaluation] = Field(default_factory=dict)
+    explanations: Explanations | None = None
+    attributions_file: str | None = None  # the explained sample's word attributions, relative to the run folder
+    robustness: dict[str, dict[str, float]] = Field(default_factory=dict)  # per perturbation (hfcompress.robustness)
+    beyond_accuracy_seconds: dict[str, float] = Field(default_factory=dict)  # explanations, robustness, extra sets
 
 
 class StageRecord(_Record):

@@ -53,6 +53,8 @@ logger = logging.getLogger("hfcompress")
 PLOT_FILE = "pareto.png"
 WINNER_RECIPE = "recipe.yaml"
 BUDGETS = ("max_size_mb", "min_quality", "max_latency_ms", "min_speedup")
+# Candidates are chosen on validation quality alone: no timing, word attributions or perturbed text there.
+SCORE_ONLY = {"measure_speed": False, "explanations": {"enabled": False}, "robustness": {"enabled": False}}
 TIMING = {"rounds": 5, "block_calls": 10, "warmup_calls": 3, "throughput_rounds": 1, "throughput_block_calls": 1}
 
 
@@ -110,7 +112,7 @@ class Candidate:
                                                       options.recovery_learning_rate, "max_steps": recovery,
                                                       **seeded}}]
         stages.append({"quantize": {"variants": [self.variant_options], "carry_forward": self.format_name,
-                                    "evaluate": {"split": "validation", "measure_speed": False}}})
+                                    "evaluate": {"split": "validation", **SCORE_ONLY}}})
         if final:
             stages.append({"evaluate": {"split": "test", "measure_speed": False, "label": "test"}})
         return stages
@@ -208,7 +210,7 @@ class Search:
         """The fine-tuned teacher (the recipe's finetune stage, if any), scored on validation and test."""
         finetune = self.finetune_stages()
         stages = finetune + [
-            {"evaluate": {"split": "validation", "measure_speed": False, "label": "teacher (validation)"}},
+            {"evaluate": {"split": "validation", **SCORE_ONLY, "label": "teacher (validation)"}},
             {"evaluate": {"split": "test", "measure_speed": False, "label": "teacher"}}]
         results = self.run_recipe("teacher", stages, teacher=self.recipe.to_dict()["teacher"])
         rows = results.rows

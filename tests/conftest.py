@@ -17,7 +17,7 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 import yaml  # noqa: E402
 from tokenizers import ByteLevelBPETokenizer  # noqa: E402
-from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification  # noqa: E402
+from transformers import AutoTokenizer, BertConfig, BertForSequenceClassification, LlamaConfig, LlamaForCausalLM  # noqa: E402
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 
 from hfcompress.sources import package_path  # noqa: E402
@@ -95,6 +95,17 @@ def save_tiny_bert(folder: Path, tokenizer, seed: int = 0, **config) -> Path:
     settings = dict(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
                     intermediate_size=64, max_position_embeddings=128, num_labels=2)
     BertForSequenceClassification(BertConfig(**{**settings, **config})).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def save_tiny_llama(folder: Path, tokenizer) -> Path:
+    """A small Llama causal LM with the real MiniLM vocabulary (2 layers, hidden 32, grouped-query attention)."""
+    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=128,
+                         pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
     tokenizer.save_pretrained(folder)
     return folder
 

@@ -140,8 +140,12 @@ def validate(capsys, recipe_path) -> tuple[int, str, str]:
         (lambda r, tmp: r["task"]["dataset"].update(data_files=str(tmp / "missing.csv")),
          "task.dataset.data_files: data file"),
         (lambda r, tmp: r["task"].update(label_names=["pos", "great"]), "task.label_names[1]: label 'great' does not"),
+        (lambda r, tmp: r["stages"][1]["evaluate"].update(extra_datasets=[
+            {"path": "csv", "data_files": str(tmp / "reviews.csv"), "text_column": "review", "label": "other"}]),
+         "stages.02-evaluate.extra_datasets[0] (other): task.text_column: column 'review' not in dataset"),
     ],
-    ids=["missing-teacher-folder", "folder-without-config", "missing-column", "missing-data-file", "label-set"],
+    ids=["missing-teacher-folder", "folder-without-config", "missing-column", "missing-data-file", "label-set",
+         "extra-set-column"],
 )
 def test_validate_checks_the_sources_in_one_line_and_writes_nothing(tmp_path, tiny_bert_dir, capsys, change, message):
     data_file = write_csv(tmp_path / "reviews.csv", clean_rows())

@@ -9,8 +9,6 @@ import sys
 import numpy as np
 import pandas as pd
 import pytest
-import torch
-from transformers import LlamaConfig, LlamaForCausalLM
 
 from hfcompress import run
 from hfcompress.fidelity import (
@@ -27,7 +25,7 @@ from hfcompress.fidelity import (
 from hfcompress.recipe import parse_recipe
 from hfcompress.report import format_fidelity_table
 
-from conftest import classification_recipe, save_tiny_bert
+from conftest import classification_recipe, save_tiny_bert, save_tiny_llama
 
 log = np.log
 
@@ -169,12 +167,7 @@ def test_evaluate_saves_outputs_and_compares_each_model_with_the_teacher_and_the
 
 
 def test_causal_lm_rows_compare_top_1_tokens_and_kl(tmp_path, tokenizer):
-    config = LlamaConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, head_dim=16, max_position_embeddings=128,
-                         pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
-    tokenizer.save_pretrained(tmp_path / "llama")
+    save_tiny_llama(tmp_path / "llama", tokenizer)
     quick = {"measure_speed": False, "per_device_eval_batch_size": 4}
     recipe = parse_recipe({
         "name": "lm", "seed": 0, "teacher": str(tmp_path / "llama"), "output_dir": str(tmp_path / "run"),

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
+from ..beyond_accuracy import explain_model, robustness_of
 from ..evaluation import (
     count_parameters,
     measure_generation,
@@ -15,6 +17,7 @@ from ..evaluation import (
     place_on,
     size_on_disk,
 )
+from ..explanations import ExplanationOptions
 from ..fidelity import (
     ECE_BINS,
     TOP_K_TOKENS,
@@ -27,6 +30,7 @@ from ..fidelity import (
     save_predictions,
 )
 from ..recipe_schema import ExtraEvaluationSet
+from ..robustness import RobustnessOptions
 from ..run_dir import Evaluation, Row
 from ..sources import resolve_model_reference
 from .base import Stage, StageContext, StageOptions, StageResult, register_stage
@@ -42,10 +46,13 @@ class EvaluateOptions(StageOptions):
     timing_iterations: int = Field(30, ge=1)
     throughput_batch_size: int = Field(32, ge=1)
     extra_datasets: list[ExtraEvaluationSet] = Field(
-        default_factory=list, description="more test sets (any datasets source with the task's columns), e.g. "
-                                          "from another domain, each scored and compared like the test split")
+        default_factory=list, description="more test sets (any datasets source of the task, its columns and labels "
+                                          "mapped onto the task's), e.g. from another domain, each scored and "
+                                          "compared like the test split")
     generation_prompt: str | None = Field(None, description="causal LM: a greedy completion to show and time")
     max_new_tokens: int = Field(32, ge=1)
+    explanations: ExplanationOptions = Field(default_factory=ExplanationOptions)
+    robustness: RobustnessOptions = Field(default_factory=RobustnessOptions)
 
 
 @register_stage
@@ -65,11 +72,14 @@ def evaluation_row(ctx: StageContext, model, folder: str | Path, options: Evalua
                    variant: str | None = None) -> Row:
     """One results.json row: task metrics on the split, fidelity to the teacher and to the previous evaluated
     model, then parameters, size, memory, latency, throughput; the same quality and fidelity numbers on each extra
-    evaluation set. Each set's outputs are saved next to the metrics (`<predictions_name>*.safetensors`) for later
-    rows to compare with."""
+    evaluation set; word attributions and robustness to perturbed text (`beyond_accuracy`). Each set's outputs are
+    saved next to the metrics (`predictions*.safetensors`) for later rows to compare with."""
     model = place_on(model, ctx.accelerator.device)
-    predictions_name = f"predictions-{variant}" if variant else "predictions"
-    main = evaluate_split(ctx, model, options, options.split, None, Path(ctx.out_dir) / f"{predictions_name}.safetensors")
+    suffix = f"-{variant}" if variant else ""
+    predictions_file = Path(ctx.out_dir) / f"predictions{suffix}.safetensors"
+    main = evaluate_split(ctx, model, options, options.split, None, predictions_file)
+    attributions_file = Path(ctx.out_dir) / f"attributions{suffix}.safetensors"
+    besides = beyond_accuracy(ctx, model, options, predictions_file, attributions_file)
     metrics = main.metrics
     metrics["num_parameters"] = count_parameters(model)
     metrics["size_on_disk_bytes"] = size_on_disk(folder)
@@ -83,14 +93,37 @@ def evaluation_row(ctx: StageContext, model, folder: str | Path, options: Evalua
     if options.generation_prompt and ctx.task.type == "causal-lm":
         metrics.update(measure_generation(model, ctx.tokenizer, options.generation_prompt, options.max_new_tokens))
     extra = {}
+    started = time.perf_counter()
     for index, source in enumerate(options.extra_datasets):
         split = ctx.data.add_extra_split(source)
         extra[source.display_name] = evaluate_split(
             ctx, model, options, split, source.display_name,
-            Path(ctx.out_dir) / f"{predictions_name}-extra{index}.safetensors")
+            Path(ctx.out_dir) / f"predictions{suffix}-extra{index}.safetensors")
+    if extra:
+        besides["beyond_accuracy_seconds"]["extra_datasets"] = time.perf_counter() - started
     model_dir = _inside_run_dir(folder, ctx) or ctx.model.name_or_path
     return Row(label=label, stage_id=ctx.stage_id, model_dir=model_dir, variant=variant, extra_datasets=extra,
-               **main.model_dump())
+               **main.model_dump(), **besides)
+
+
+def beyond_accuracy(ctx: StageContext, model, options: EvaluateOptions, predictions_file: Path,
+                    attributions_file: Path) -> dict:
+    """The row's fields besides accuracy: word attributions compared with the teacher's (classification), scores
+    under perturbed text, and the seconds each took (`beyond_accuracy_seconds`)."""
+    entries, seconds = {}, {}
+    if options.explanations.enabled and ctx.task.type != "causal-lm":
+        started = time.perf_counter()
+        log_probs = load_predictions(predictions_file)["log_probs"]
+        entries["explanations"] = explain_model(ctx, model, options.explanations, options.split, log_probs,
+                                                attributions_file)
+        entries["attributions_file"] = _inside_run_dir(attributions_file, ctx)
+        seconds["explanations"] = time.perf_counter() - started
+    if options.robustness.enabled or (options.robustness.enabled is None and ctx.task.type != "causal-lm"):
+        started = time.perf_counter()
+        entries["robustness"] = robustness_of(ctx, model, options.robustness, options.split,
+                                              options.per_device_eval_batch_size, predictions_file)
+        seconds["robustness"] = time.perf_counter() - started
+    return {**entries, "beyond_accuracy_seconds": seconds}
 
 
 # ---------------------------------------------------------------------------------------------- fidelity
