@@ -203,7 +203,7 @@ def test_compressed_tensors_checkpoint_loads_with_plain_transformers(options, ll
 
 
 def test_a_group_size_that_does_not_divide_a_layer_is_refused_naming_it(llama_dir, hamlet_blocks):
-    with pytest.raises(HfCompressError, match=r"^group_size 48 does not divide the 64 input features of "
+    with pytest.raises(HfCompressError, match=r"^group_size: 48 does not divide the 64 input features of "
                                               r"model\.layers\.0\.self_attn\.q_proj: choose a divisor of 64"):
         quantize(llama_dir, AutoModelForCausalLM, parse_variant({**GPTQ4, "group_size": 48}), calibration(hamlet_blocks))
 

@@ -181,7 +181,7 @@ def quantization_targets(model: nn.Module, skipped: list[str], group_size: int |
 
 def check_group_size(name: str, in_features: int, group_size: int | None) -> None:
     if group_size and in_features % group_size:
-        raise OptionError("group_size", f"group_size {group_size} does not divide the {in_features} input features of {name}: "
+        raise OptionError("group_size", f"{group_size} does not divide the {in_features} input features of {name}: "
                               f"choose a divisor of {in_features}, or skip_modules: [{name}]")
 
 
