@@ -17,7 +17,7 @@ export HF_HUB_OFFLINE ?= 1
 export HF_DATASETS_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 
-.PHONY: setup demo test lock smollm2 clean
+.PHONY: setup demo test lock clean
 
 setup: $(VENV)/.installed
 
